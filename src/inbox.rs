@@ -1,0 +1,353 @@
+//! The inbox worker: poll -> plan -> download -> rename -> record.
+//!
+//! Each poll lists the inbox prefix page by page (memory bounded by a page and the
+//! transfers in flight). A key is fetched only when the ledger has no record of it or a
+//! different change token; the GET is pinned with `If-Match`, written to a temp file in
+//! the inbox's hidden temp folder, checked (length, and MD5 where the ETag is one),
+//! fsynced, renamed into place without following links, and only then recorded.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use md5::{Digest, Md5};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config;
+use crate::keys::{ObjectKey, RelPath};
+use crate::ledger::{self, Ledger, Received, Rejected};
+use crate::localfs::{self, InboxRoot};
+use crate::logging::{Direction, Transfer};
+use crate::plan::{self, Delivered, Existing, Landing};
+use crate::store::{Class, Listed, Store};
+
+/// What the inbox worker needs.
+pub struct Inbox {
+    pub config: config::Inbox,
+    pub transfer: config::Transfer,
+    pub store: Store,
+    pub ledger: Arc<Ledger>,
+    pub root: InboxRoot,
+}
+
+/// Counts of one poll (or, summed, of a run).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    pub received: u64,
+    pub failed: u64,
+    pub rejected: u64,
+}
+
+impl std::ops::AddAssign for Totals {
+    fn add_assign(&mut self, o: Self) {
+        self.received += o.received;
+        self.failed += o.failed;
+        self.rejected += o.rejected;
+    }
+}
+
+/// How one fetch ended.
+enum Fetched {
+    Done,
+    /// The object changed or vanished between the listing and the GET: poll again.
+    Changed,
+    Failed,
+}
+
+impl Inbox {
+    /// Polls at start-up and then every `poll_interval` (with jitter) until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Totals {
+        let mut totals = Totals::default();
+        loop {
+            let (poll, again) = Arc::clone(&self).poll(&shutdown).await;
+            totals += poll;
+            let wait = if again {
+                Duration::from_millis(100)
+            } else {
+                jittered(self.config.poll_interval)
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        totals
+    }
+
+    /// One poll: list everything under the prefix and fetch what is new. Returns the
+    /// counts and whether an object changed under us (so the caller polls again soon).
+    pub async fn poll(self: Arc<Self>, shutdown: &CancellationToken) -> (Totals, bool) {
+        let permits = Arc::new(Semaphore::new(self.transfer.concurrency));
+        let mut tasks: JoinSet<Fetched> = JoinSet::new();
+        let mut totals = Totals::default();
+        let mut changed = false;
+        let mut start = None;
+        let mut listed = 0u64;
+        'pages: loop {
+            let page = match self.store.list_page(&self.config.prefix, start.take()).await {
+                Ok(page) => page,
+                Err(err) => {
+                    tracing::warn!(prefix = %self.config.prefix, error = %err, "listing the inbox prefix failed; will try again at the next poll");
+                    totals.failed += 1;
+                    break;
+                }
+            };
+            for object in page.objects {
+                listed += 1;
+                if let Some(job) = self.plan(&object, &mut totals).await {
+                    let permit = tokio::select! {
+                        () = shutdown.cancelled() => break 'pages,
+                        p = Arc::clone(&permits).acquire_owned() => p.expect("never closed"),
+                    };
+                    let this = Arc::clone(&self);
+                    tasks.spawn(async move {
+                        let out = this.fetch(object, job).await;
+                        drop(permit);
+                        out
+                    });
+                }
+                while let Some(done) = tasks.try_join_next() {
+                    tally(done, &mut totals, &mut changed);
+                }
+            }
+            match page.next {
+                Some(next) if !shutdown.is_cancelled() => start = Some(next),
+                _ => break,
+            }
+        }
+        let grace = self.transfer.shutdown_grace;
+        loop {
+            let next = if shutdown.is_cancelled() {
+                match tokio::time::timeout(grace, tasks.join_next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        tracing::warn!(abandoned = tasks.len(), "grace period over: abandoning downloads in flight; they are fetched again next time");
+                        tasks.abort_all();
+                        break;
+                    }
+                }
+            } else {
+                tokio::select! {
+                    next = tasks.join_next() => next,
+                    () = shutdown.cancelled() => continue,
+                }
+            };
+            let Some(done) = next else { break };
+            tally(done, &mut totals, &mut changed);
+        }
+        tracing::debug!(listed, received = totals.received, failed = totals.failed, "poll done");
+        (totals, changed)
+    }
+
+    /// Decides about one listed object; `Some` means fetch it to that path.
+    async fn plan(&self, object: &Listed, totals: &mut Totals) -> Option<(RelPath, Option<Received>)> {
+        if object.key.is_folder_marker() {
+            return None;
+        }
+        let token = object.token();
+        let record = match self.ledger.received(&object.key) {
+            Ok(r) => r,
+            Err(err) => {
+                tracing::error!(key = %object.key, error = %err, "cannot read the ledger; skipping the key");
+                totals.failed += 1;
+                return None;
+            }
+        };
+        if !plan::needs_fetch(&token, record.as_ref().map(|r| &r.delivered)) {
+            return None;
+        }
+        match RelPath::from_key(&self.config.prefix, &object.key) {
+            Ok(rel) => Some((rel, record)),
+            Err(reason) => {
+                self.reject(&object.key, token, &reason.to_string(), totals).await;
+                None
+            }
+        }
+    }
+
+    /// Logs a key that can never be a file (once per version) and remembers it.
+    async fn reject(&self, key: &ObjectKey, token: crate::keys::ChangeToken, reason: &str, totals: &mut Totals) {
+        if matches!(self.ledger.rejected(key), Ok(Some(r)) if r.token == token) {
+            return;
+        }
+        totals.rejected += 1;
+        tracing::error!(key = %key, reason, "rejected: this key cannot become a file inside the inbox; it is not fetched (ask the owner to rename it)");
+        let record = Rejected {
+            token,
+            reason: reason.to_owned(),
+        };
+        if let Err(err) = self.ledger.record_rejected(key, &record).await {
+            tracing::warn!(key = %key, error = %err, "cannot remember the rejected key");
+        }
+    }
+
+    async fn fetch(&self, object: Listed, (rel, record): (RelPath, Option<Received>)) -> Fetched {
+        let mut transfer = Transfer::start(Direction::Download, &object.key, &self.root.path().join(rel.to_path()));
+        let download = match self.store.get_object(&object.key, object.etag.as_ref()).await {
+            Ok(d) => d,
+            Err(err) if matches!(err.class, Class::Changed | Class::Gone) => {
+                tracing::info!(key = %object.key, error = %err, "the object changed or vanished since the listing; listing again");
+                return Fetched::Changed;
+            }
+            Err(err) => {
+                transfer.failed("failed", &err);
+                return Fetched::Failed;
+            }
+        };
+        let etag = download.etag.clone().or_else(|| object.etag.clone());
+        let (temp, md5, size) = match self.write_temp(download).await {
+            Ok(written) => written,
+            Err(err) => {
+                transfer.failed("failed", &err);
+                return Fetched::Failed;
+            }
+        };
+        let root_path = self.root.path().to_owned();
+        let landed = {
+            let rel = rel.clone();
+            let record = record.clone();
+            let temp = temp.clone();
+            let this_root = &self.root;
+            tokio::task::block_in_place(|| land(this_root, &rel, &temp, md5, size, record.as_ref()))
+        };
+        let (landed_rel, stamp) = match landed {
+            Ok(done) => done,
+            Err(err) => {
+                self.root.remove_temp(&temp);
+                transfer.failed("failed", &format!("{err} (inbox {})", root_path.display()));
+                return Fetched::Failed;
+            }
+        };
+        transfer.landed_at(&root_path.join(&landed_rel));
+        let received = Received {
+            delivered: Delivered {
+                token: object.token(),
+                path: landed_rel,
+                stamp,
+            },
+            etag: etag.clone(),
+            size,
+            received_at_ms: ledger::now_ms(),
+        };
+        if let Err(err) = self.ledger.record_received(&object.key, &received).await {
+            transfer.failed("failed", &err);
+            return Fetched::Failed;
+        }
+        transfer.done(size, etag.as_ref());
+        Fetched::Done
+    }
+
+    /// Streams the body into a new temp file, checking length and (where the ETag is
+    /// an MD5) content; the temp file is removed on any failure.
+    async fn write_temp(&self, mut download: crate::store::Download) -> Result<(String, [u8; 16], u64), String> {
+        let (name, file) = self
+            .root
+            .create_temp()
+            .map_err(|e| format!("cannot create a temporary file in {}: {e}", self.root.path().display()))?;
+        let result = async {
+            let mut file = std::io::BufWriter::with_capacity(256 << 10, file);
+            let mut hasher = Md5::new();
+            let mut size = 0u64;
+            while let Some(chunk) = download.body.next().await {
+                let chunk = chunk.map_err(|e| format!("the download broke off: {e}"))?;
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                tokio::task::block_in_place(|| file.write_all(&chunk))
+                    .map_err(|e| format!("cannot write into {}: {e}", self.root.path().display()))?;
+            }
+            let md5: [u8; 16] = hasher.finalize().into();
+            if let Some(expected) = download.content_length
+                && expected != size
+            {
+                return Err(format!("got {size} bytes, expected {expected}"));
+            }
+            if !download.kms
+                && let Some(expected) = download.etag.as_ref().and_then(|e| e.plain_md5())
+                && !expected.eq_ignore_ascii_case(&hex(&md5))
+            {
+                return Err(format!("content MD5 {} does not match the ETag {expected}", hex(&md5)));
+            }
+            tokio::task::block_in_place(|| {
+                let file = file.into_inner().map_err(|e| e.into_error())?;
+                file.sync_all()
+            })
+            .map_err(|e| format!("cannot write into {}: {e}", self.root.path().display()))?;
+            Ok((md5, size))
+        }
+        .await;
+        match result {
+            Ok((md5, size)) => Ok((name, md5, size)),
+            Err(e) => {
+                self.root.remove_temp(&name);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Renames the verified temp file to its place (or beside a file the user changed) and
+/// returns the landed path relative to the inbox with its stamp.
+fn land(
+    root: &InboxRoot,
+    rel: &RelPath,
+    temp: &str,
+    md5: [u8; 16],
+    size: u64,
+    record: Option<&Received>,
+) -> std::io::Result<(String, plan::FileStamp)> {
+    let dir = root.open_parent(rel)?;
+    let name = rel.file_name();
+    let existing = root.existing(&dir, name, |f| Ok(localfs::md5_file(f)? == md5), size)?;
+    let rel_str = rel.to_string();
+    match plan::landing(existing, record.map(|r| &r.delivered), &rel_str) {
+        Landing::Path => {
+            let stamp = root.land(temp, &dir, name, existing != Existing::Other)?;
+            Ok((rel_str, stamp))
+        }
+        Landing::Beside => {
+            let tag = crate::outbox::timestamp_tag();
+            let mut n = 0;
+            loop {
+                let beside = plan::beside_name(name, &tag, n);
+                n += 1;
+                if InboxRoot::taken(&dir, &beside) {
+                    continue;
+                }
+                match root.land(temp, &dir, &beside, false) {
+                    Ok(stamp) => {
+                        tracing::warn!(path = %rel_str, new_version = %beside, "the local copy was changed (or is not ours): kept it, the new version lands beside it");
+                        let parent = rel_str.rsplit_once('/').map_or(String::new(), |(p, _)| format!("{p}/"));
+                        return Ok((format!("{parent}{beside}"), stamp));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+fn tally(done: Result<Fetched, tokio::task::JoinError>, totals: &mut Totals, changed: &mut bool) {
+    match done {
+        Ok(Fetched::Done) => totals.received += 1,
+        Ok(Fetched::Changed) => *changed = true,
+        Ok(Fetched::Failed) => totals.failed += 1,
+        Err(err) => {
+            if !err.is_cancelled() {
+                tracing::error!(error = %err, "a download task failed unexpectedly");
+            }
+            totals.failed += 1;
+        }
+    }
+}
+
+/// `interval` +- 10%, so that many clients do not poll in lockstep.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + rand::random::<f64>() * 0.2)
+}
+
+fn hex(bytes: &[u8; 16]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,255 @@
+//! The ledger: what was sent and what was received, in a sled database under
+//! `state.dir`. The only module that knows sled.
+//!
+//! The ledger, not the inbox, decides what is fetched: a key whose change token is
+//! recorded is never downloaded again, wherever the user moved the file. Records are
+//! flushed to disk before the action that depends on them (moving an outbox file away,
+//! reporting a delivery done), because sled on its own only flushes every 500 ms.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::keys::{ChangeToken, ETag, ObjectKey};
+use crate::plan::{Delivered, FileStamp};
+
+/// The layout version written into new ledgers; a newer one is refused, never rewritten.
+const SCHEMA: u32 = 1;
+/// sled's page cache defaults to 1 GiB; the daemon needs a few MiB.
+const CACHE_BYTES: u64 = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "the ledger {path} is in use by another process: is s3-exchange already running with this state.dir? Stop it first"
+    )]
+    Locked { path: PathBuf },
+    #[error(
+        "the ledger {path} was written by a newer s3-exchange (schema {found}, this one knows {SCHEMA}): upgrade s3-exchange"
+    )]
+    NewerSchema { path: PathBuf, found: u32 },
+    #[error(
+        "cannot open the ledger {path}: {source}. It remembers what was already fetched; do not delete it unless you accept that everything under the inbox prefix is downloaded again"
+    )]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("ledger {path}: {source}")]
+    Io { path: PathBuf, source: sled::Error },
+    #[error("ledger {path}: record for {key} is unreadable: {source}")]
+    Corrupt {
+        path: PathBuf,
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+/// An upload S3 confirmed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sent {
+    /// The file's path relative to the outbox.
+    pub path: String,
+    /// The file as uploaded; with `after_upload = "keep"` an equal stamp means "sent".
+    pub stamp: FileStamp,
+    /// Hex MD5 of a single PUT, or `md5-of-part-md5s-N` for a multipart upload.
+    pub checksum: String,
+    pub etag: Option<ETag>,
+    pub sent_at_ms: i64,
+}
+
+/// A delivery written into the inbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Received {
+    #[serde(flatten)]
+    pub delivered: Delivered,
+    pub etag: Option<ETag>,
+    pub size: u64,
+    pub received_at_ms: i64,
+}
+
+/// A key that can never become a file in the inbox, remembered so that it is logged
+/// once, not at every poll. A new version (token) is looked at again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub token: ChangeToken,
+    pub reason: String,
+}
+
+pub struct Ledger {
+    path: PathBuf,
+    db: sled::Db,
+    sent: sled::Tree,
+    received: sled::Tree,
+    rejected: sled::Tree,
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger in `dir`. Fails rather than starting over: an empty
+    /// ledger would download everything under the inbox prefix again.
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        let path = dir.join("ledger");
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|source| match &source {
+                sled::Error::Io(io) if is_lock_error(io) => Error::Locked { path: path.clone() },
+                _ => Error::Open {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        match db.get("schema").map_err(io)? {
+            Some(v) => {
+                let found = v
+                    .as_ref()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(u32::MAX);
+                if found > SCHEMA {
+                    return Err(Error::NewerSchema { path, found });
+                }
+            }
+            None => {
+                db.insert("schema", &SCHEMA.to_be_bytes()).map_err(io)?;
+            }
+        }
+        Ok(Self {
+            sent: db.open_tree("sent").map_err(io)?,
+            received: db.open_tree("received").map_err(io)?,
+            rejected: db.open_tree("rejected").map_err(io)?,
+            db,
+            path,
+        })
+    }
+
+    pub fn sent(&self, key: &ObjectKey) -> Result<Option<Sent>, Error> {
+        self.get(&self.sent, key)
+    }
+
+    pub async fn record_sent(&self, key: &ObjectKey, record: &Sent) -> Result<(), Error> {
+        self.put(&self.sent, key, record).await
+    }
+
+    pub fn received(&self, key: &ObjectKey) -> Result<Option<Received>, Error> {
+        self.get(&self.received, key)
+    }
+
+    pub async fn record_received(&self, key: &ObjectKey, record: &Received) -> Result<(), Error> {
+        self.put(&self.received, key, record).await
+    }
+
+    pub fn rejected(&self, key: &ObjectKey) -> Result<Option<Rejected>, Error> {
+        self.get(&self.rejected, key)
+    }
+
+    pub async fn record_rejected(&self, key: &ObjectKey, record: &Rejected) -> Result<(), Error> {
+        self.put(&self.rejected, key, record).await
+    }
+
+    /// Number of (sent, received) records, for the start-up log line.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.sent.len(), self.received.len())
+    }
+
+    /// Writes everything to disk; called on shutdown.
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.db
+            .flush_async()
+            .await
+            .map(drop)
+            .map_err(|source| self.io(source))
+    }
+
+    fn get<T: DeserializeOwned>(&self, tree: &sled::Tree, key: &ObjectKey) -> Result<Option<T>, Error> {
+        let Some(bytes) = tree.get(key.as_str()).map_err(|s| self.io(s))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| Error::Corrupt {
+                path: self.path.clone(),
+                key: key.to_string(),
+                source,
+            })
+    }
+
+    /// Inserts and flushes: the caller acts on the record only once it is durable.
+    async fn put<T: Serialize>(&self, tree: &sled::Tree, key: &ObjectKey, record: &T) -> Result<(), Error> {
+        let bytes = serde_json::to_vec(record).map_err(|source| Error::Corrupt {
+            path: self.path.clone(),
+            key: key.to_string(),
+            source,
+        })?;
+        tree.insert(key.as_str(), bytes).map_err(|s| self.io(s))?;
+        self.flush().await
+    }
+
+    fn io(&self, source: sled::Error) -> Error {
+        Error::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+/// sled reports a held lock as an IO error ("could not acquire lock" / WouldBlock).
+fn is_lock_error(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::WouldBlock || err.to_string().contains("lock")
+}
+
+/// Milliseconds since the epoch, for records.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> ObjectKey {
+        ObjectKey::from_listing(k.to_owned())
+    }
+
+    #[tokio::test]
+    async fn records_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rec = Received {
+            delivered: Delivered {
+                token: ChangeToken::from_etag(&ETag::new("\"e\"")),
+                path: "a/b".into(),
+                stamp: FileStamp {
+                    size: 1,
+                    mtime_ns: 2,
+                    inode: 3,
+                },
+            },
+            etag: Some(ETag::new("\"e\"")),
+            size: 1,
+            received_at_ms: 4,
+        };
+        {
+            let ledger = Ledger::open(dir.path()).expect("open");
+            ledger
+                .record_received(&key("Delivery/a/b"), &rec)
+                .await
+                .expect("record");
+        }
+        let ledger = Ledger::open(dir.path()).expect("reopen");
+        assert_eq!(ledger.received(&key("Delivery/a/b")).expect("get"), Some(rec));
+        assert_eq!(ledger.received(&key("Delivery/x")).expect("get"), None);
+        assert_eq!(ledger.counts(), (0, 1));
+    }
+
+    #[test]
+    fn a_second_opener_is_told_the_ledger_is_in_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = Ledger::open(dir.path()).expect("open");
+        let second = Ledger::open(dir.path());
+        assert!(matches!(second, Err(Error::Locked { .. })), "{:?}", second.err());
+    }
+}

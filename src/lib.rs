@@ -1,0 +1,23 @@
+//! s3-exchange: trade files with another organisation through a bucket it owns.
+//!
+//! The outbox half uploads settled files to `Submissions/` with the canned ACL
+//! `bucket-owner-full-control` (so the bucket owner can read them); the inbox half brings
+//! what the owner puts under `Delivery/` into the inbox, whole and exactly once, remembering
+//! what it fetched in a sled ledger. `main.rs` is a thin shell over [`daemon`].
+//!
+//! Data flows one way through each half:
+//! file -> [`plan`] -> [`store`] -> [`ledger`] for the outbox,
+//! object -> [`plan`] -> [`store`] -> [`localfs`] -> [`ledger`] for the inbox.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod inbox;
+pub mod keys;
+pub mod ledger;
+pub mod localfs;
+pub mod logging;
+pub mod outbox;
+pub mod plan;
+pub mod store;
+pub mod watcher;

@@ -1,0 +1,325 @@
+//! Local disk work that must be exactly right: stamps, hashing, atomic landing of
+//! deliveries without following planted symlinks, and moving sent files away.
+//!
+//! Everything here is blocking; the workers call it through `spawn_blocking`.
+//! Deliveries are written relative to an open handle on the inbox (`openat` and friends
+//! with `O_NOFOLLOW`), so a symlink inside the inbox can never redirect a write.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use md5::{Digest, Md5};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+
+use crate::keys::RelPath;
+use crate::plan::{Existing, FileStamp};
+
+/// The hidden folder inside the inbox where downloads are written before the rename:
+/// same file system as their destination, and cleared at start-up.
+pub const TEMP_DIR: &str = ".s3-exchange.tmp";
+
+/// The stamp of `meta`, for settle and change detection.
+pub fn stamp_of(meta: &std::fs::Metadata) -> FileStamp {
+    FileStamp {
+        size: meta.len(),
+        mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
+        inode: meta.ino(),
+    }
+}
+
+fn stamp_of_stat(st: &rustix::fs::Stat) -> FileStamp {
+    FileStamp {
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        mtime_ns: st.st_mtime.saturating_mul(1_000_000_000).saturating_add(st.st_mtime_nsec as i64),
+        inode: st.st_ino,
+    }
+}
+
+/// MD5 of `len` bytes of `path` from `offset`; fails if the file is shorter.
+pub fn md5_range(path: &Path, offset: u64, len: u64) -> io::Result<[u8; 16]> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut hasher = Md5::new();
+    let copied = io::copy(&mut file.take(len), &mut HashWriter(&mut hasher))?;
+    if copied != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the file shrank while it was read ({copied} of {len} bytes)"),
+        ));
+    }
+    Ok(hasher.finalize().into())
+}
+
+/// Lets `io::copy` feed a hasher with its own buffer.
+struct HashWriter<'a>(&'a mut Md5);
+
+impl io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An open handle on the inbox, the root of every delivery.
+pub struct InboxRoot {
+    path: PathBuf,
+    root: OwnedFd,
+    temp: OwnedFd,
+}
+
+impl InboxRoot {
+    /// Opens (creating if needed) the inbox and its temp folder, and removes what an
+    /// interrupted download left in the temp folder.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(path)?;
+        let root = rustix::fs::open(path, dir_flags(), Mode::empty())?;
+        let temp = open_or_create_dir(&root, TEMP_DIR)?;
+        let this = Self {
+            path: path.to_owned(),
+            root,
+            temp,
+        };
+        this.clear_temp()?;
+        Ok(this)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn clear_temp(&self) -> io::Result<()> {
+        for entry in std::fs::read_dir(self.path.join(TEMP_DIR))? {
+            let entry = entry?;
+            rustix::fs::unlinkat(&self.temp, entry.file_name().as_os_str(), AtFlags::empty())?;
+        }
+        Ok(())
+    }
+
+    /// Creates a new, empty temporary file; the caller writes the download into it.
+    pub fn create_temp(&self) -> io::Result<(String, File)> {
+        let name = format!("dl-{:016x}", rand::random::<u64>());
+        let fd = rustix::fs::openat(
+            &self.temp,
+            name.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )?;
+        Ok((name, File::from(fd)))
+    }
+
+    pub fn remove_temp(&self, name: &str) {
+        let _ = rustix::fs::unlinkat(&self.temp, name, AtFlags::empty());
+    }
+
+    /// Opens the folder a delivery at `rel` goes into, creating missing folders and
+    /// refusing to pass through a symlink or a file.
+    pub fn open_parent(&self, rel: &RelPath) -> io::Result<OwnedFd> {
+        let segments = rel.segments();
+        let mut dir = rustix::fs::openat(&self.root, ".", dir_flags(), Mode::empty())?;
+        for segment in &segments[..segments.len().saturating_sub(1)] {
+            dir = open_or_create_dir(&dir, segment).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("folder {segment:?} on the way to {rel} is not a plain folder (a file or a symlink is in the way): {e}"),
+                )
+            })?;
+        }
+        Ok(dir)
+    }
+
+    /// What is at `name` in `dir` now; `same_content` is asked only for a regular file
+    /// of the same size (it hashes it).
+    pub fn existing(
+        &self,
+        dir: &OwnedFd,
+        name: &str,
+        same_content: impl FnOnce(File) -> io::Result<bool>,
+        new_size: u64,
+    ) -> io::Result<Existing> {
+        let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => return Ok(Existing::Nothing),
+            Err(e) => return Err(e.into()),
+        };
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return Ok(Existing::Other);
+        }
+        let stamp = stamp_of_stat(&st);
+        if stamp.size == new_size {
+            let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+            if same_content(File::from(fd))? {
+                return Ok(Existing::SameContent);
+            }
+        }
+        Ok(Existing::File(stamp))
+    }
+
+    /// Atomically renames the temp file to `name` in `dir` (replacing what is there
+    /// when `replace`, else failing if the name is taken), then makes the rename
+    /// durable. Returns the stamp of the landed file.
+    pub fn land(&self, temp_name: &str, dir: &OwnedFd, name: &str, replace: bool) -> io::Result<FileStamp> {
+        let flags = if replace {
+            RenameFlags::empty()
+        } else {
+            RenameFlags::NOREPLACE
+        };
+        rustix::fs::renameat_with(&self.temp, temp_name, dir, name, flags)?;
+        rustix::fs::fsync(dir)?;
+        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        Ok(stamp_of_stat(&st))
+    }
+
+    /// True if `name` exists in `dir` (as anything, links not followed).
+    pub fn taken(dir: &OwnedFd, name: &str) -> bool {
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
+    }
+}
+
+/// MD5 of a whole open file.
+pub fn md5_file(mut file: File) -> io::Result<[u8; 16]> {
+    let mut hasher = Md5::new();
+    io::copy(&mut file, &mut HashWriter(&mut hasher))?;
+    Ok(hasher.finalize().into())
+}
+
+fn dir_flags() -> OFlags {
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+fn open_or_create_dir(parent: &impl AsFd, name: &str) -> io::Result<OwnedFd> {
+    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o755)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(rustix::fs::openat(parent, name, dir_flags(), Mode::empty())?)
+}
+
+/// Moves a sent file to `dest`, creating its folders; never overwrites: a name already
+/// taken gets a `.<tag>` (then `.<tag>-N`) beside it. Falls back to copy + remove across
+/// file systems. Returns where the file went.
+pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<PathBuf> {
+    let parent = dest.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(parent)?;
+    let name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("file")
+        .to_owned();
+    let dir = rustix::fs::open(parent, dir_flags(), Mode::empty())?;
+    let mut n = 0;
+    loop {
+        let candidate = if n == 0 {
+            name.clone()
+        } else {
+            crate::plan::beside_name(&name, tag, n - 1)
+        };
+        let target = parent.join(&candidate);
+        match rustix::fs::renameat_with(rustix::fs::CWD, src, &dir, candidate.as_str(), RenameFlags::NOREPLACE) {
+            Ok(()) => {
+                rustix::fs::fsync(&dir)?;
+                return Ok(target);
+            }
+            Err(rustix::io::Errno::EXIST) => n += 1,
+            Err(rustix::io::Errno::XDEV) => {
+                if target.exists() {
+                    n += 1;
+                    continue;
+                }
+                copy_durably(src, &target)?;
+                rustix::fs::fsync(&dir)?;
+                std::fs::remove_file(src)?;
+                return Ok(target);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn copy_durably(src: &Path, dest: &Path) -> io::Result<()> {
+    let mut from = File::open(src)?;
+    let mut to = std::fs::OpenOptions::new().write(true).create_new(true).open(dest)?;
+    io::copy(&mut from, &mut to)?;
+    to.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{ObjectKey, Prefix};
+
+    fn rel(key: &str) -> RelPath {
+        RelPath::from_key(
+            &Prefix::new("D/").expect("prefix"),
+            &ObjectKey::from_listing(format!("D/{key}")),
+        )
+        .expect("valid key")
+    }
+
+    #[test]
+    fn a_planted_symlink_is_never_followed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let inbox = tmp.path().join("inbox");
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir_all(&inbox).expect("mkdir");
+        std::fs::create_dir_all(&elsewhere).expect("mkdir");
+        std::os::unix::fs::symlink(&elsewhere, inbox.join("link")).expect("symlink");
+        let root = InboxRoot::open(&inbox).expect("open");
+        assert!(root.open_parent(&rel("link/file")).is_err());
+        assert_eq!(std::fs::read_dir(&elsewhere).expect("ls").count(), 0);
+    }
+
+    #[test]
+    fn landing_creates_folders_and_leaves_no_temp_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = InboxRoot::open(tmp.path()).expect("open");
+        let (name, mut file) = root.create_temp().expect("temp");
+        io::Write::write_all(&mut file, b"hello").expect("write");
+        let r = rel("a/b/c.txt");
+        let dir = root.open_parent(&r).expect("parent");
+        let stamp = root.land(&name, &dir, r.file_name(), true).expect("land");
+        assert_eq!(stamp.size, 5);
+        assert_eq!(std::fs::read(tmp.path().join("a/b/c.txt")).expect("read"), b"hello");
+        assert_eq!(std::fs::read_dir(tmp.path().join(TEMP_DIR)).expect("ls").count(), 0);
+    }
+
+    #[test]
+    fn leftover_temp_files_are_cleared_at_open() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(tmp.path().join(TEMP_DIR)).expect("mkdir");
+        std::fs::write(tmp.path().join(TEMP_DIR).join("dl-1"), b"partial").expect("write");
+        InboxRoot::open(tmp.path()).expect("open");
+        assert_eq!(std::fs::read_dir(tmp.path().join(TEMP_DIR)).expect("ls").count(), 0);
+    }
+
+    #[test]
+    fn moving_never_overwrites() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let sent = tmp.path().join("sent/sub/r.csv");
+        std::fs::create_dir_all(sent.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&sent, b"old").expect("write");
+        let src = tmp.path().join("r.csv");
+        std::fs::write(&src, b"new").expect("write");
+        let went = move_aside(&src, &sent, "T").expect("move");
+        assert_eq!(went, tmp.path().join("sent/sub/r.T.csv"));
+        assert_eq!(std::fs::read(&sent).expect("read"), b"old");
+        assert_eq!(std::fs::read(&went).expect("read"), b"new");
+        assert!(!src.exists());
+    }
+
+    #[test]
+    fn md5_of_a_range() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let p = tmp.path().join("f");
+        std::fs::write(&p, b"xxhelloxx").expect("write");
+        let whole: [u8; 16] = Md5::digest(b"hello").into();
+        assert_eq!(md5_range(&p, 2, 5).expect("md5"), whole);
+        assert!(md5_range(&p, 2, 50).is_err());
+    }
+}

@@ -1,0 +1,140 @@
+//! Logging: text or JSON to stderr, and JSON lines to a daily file under `log.dir`
+//! (tracing-appender, non-blocking, so a slow disk never stalls a transfer).
+//!
+//! Every transfer ends in exactly one event named `transfer` with the fields
+//! `direction`, `key`, `path`, `bytes`, `duration_ms`, `etag`, `outcome` and, on
+//! failure, `error`: `jq 'select(.fields.message == "transfer")'` finds them all.
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, fmt};
+
+use crate::config::{self, LogFormat};
+use crate::keys::{ETag, ObjectKey};
+
+/// Keeps the file writer's background thread alive; drop it last (it flushes).
+pub struct Guard {
+    _file: Option<WorkerGuard>,
+}
+
+/// Installs the global subscriber. `RUST_LOG` overrides `log.level`. A log folder that
+/// cannot be created costs the file log, not the daemon: stderr says why.
+pub fn init(log: &config::Log) -> Guard {
+    let filter = || {
+        EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new(format!("warn,s3_exchange={}", log.level)))
+    };
+    // Under systemd the journal stamps each line itself.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let stderr = match (log.format, journald) {
+        (LogFormat::Json, _) => fmt::layer().json().with_writer(std::io::stderr).boxed(),
+        (LogFormat::Text, true) => fmt::layer()
+            .without_time()
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        (LogFormat::Text, false) => fmt::layer().with_writer(std::io::stderr).boxed(),
+    };
+    let (file, guard, file_error) = match file_writer(&log.dir) {
+        Ok((writer, guard)) => (
+            Some(fmt::layer().json().with_ansi(false).with_writer(writer).with_filter(filter())),
+            Some(guard),
+            None,
+        ),
+        Err(err) => (None, None, Some(err)),
+    };
+    tracing_subscriber::registry()
+        .with(stderr.with_filter(filter()))
+        .with(file)
+        .init();
+    if let Some(err) = file_error {
+        tracing::error!(dir = %log.dir.display(), error = %err, "cannot write the log file; logging to stderr only (fix log.dir)");
+    }
+    Guard { _file: guard }
+}
+
+fn file_writer(
+    dir: &Path,
+) -> Result<(tracing_appender::non_blocking::NonBlocking, WorkerGuard), Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir)?;
+    let appender = tracing_appender::rolling::Builder::new()
+        .rotation(tracing_appender::rolling::Rotation::DAILY)
+        .filename_prefix("s3-exchange")
+        .filename_suffix("jsonl")
+        .build(dir)?;
+    Ok(tracing_appender::non_blocking(appender))
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Direction {
+    Upload,
+    Download,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Upload => "upload",
+            Direction::Download => "download",
+        }
+    }
+}
+
+/// One transfer, from start to its single `transfer` event.
+pub struct Transfer {
+    direction: Direction,
+    key: String,
+    path: PathBuf,
+    started: Instant,
+}
+
+impl Transfer {
+    pub fn start(direction: Direction, key: &ObjectKey, path: &Path) -> Self {
+        Self {
+            direction,
+            key: key.to_string(),
+            path: path.to_owned(),
+            started: Instant::now(),
+        }
+    }
+
+    fn duration_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The path the file ended at, when it differs from where it started.
+    pub fn landed_at(&mut self, path: &Path) {
+        path.clone_into(&mut self.path);
+    }
+
+    pub fn done(&self, bytes: u64, etag: Option<&ETag>) {
+        tracing::info!(
+            direction = self.direction.as_str(),
+            key = %self.key,
+            path = %self.path.display(),
+            bytes,
+            duration_ms = self.duration_ms(),
+            etag = etag.map_or("", ETag::as_str),
+            outcome = "ok",
+            "transfer"
+        );
+    }
+
+    pub fn failed(&self, outcome: &str, error: &dyn Display) {
+        tracing::warn!(
+            direction = self.direction.as_str(),
+            key = %self.key,
+            path = %self.path.display(),
+            duration_ms = self.duration_ms(),
+            outcome,
+            error = %error,
+            "transfer"
+        );
+    }
+}

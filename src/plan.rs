@@ -1,0 +1,311 @@
+//! Pure decisions, no IO: when an outbox file is complete, how a large file is split,
+//! whether a listed object must be fetched, and where a delivery lands.
+//!
+//! The workers gather facts (stat results, ledger records, listings) and ask here; so
+//! every rule the daemon promises has a unit test that needs neither S3 nor a disk.
+
+use std::time::{Duration, Instant};
+
+use crate::keys::ChangeToken;
+
+/// S3's most parts in one multipart upload.
+pub const MAX_PARTS: u64 = 10_000;
+
+/// What a `stat` says about a local file, as far as change detection is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileStamp {
+    pub size: u64,
+    /// Modification time in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// The inode: a file replaced by rename has a new one even with equal size and mtime.
+    pub inode: u64,
+}
+
+/// One outbox file waiting to settle.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    /// The stamp last observed.
+    pub stamp: FileStamp,
+    /// When the stamp was last seen to change or the watcher last reported the file.
+    pub quiet_since: Instant,
+}
+
+impl Candidate {
+    pub fn new(stamp: FileStamp, now: Instant) -> Self {
+        Self {
+            stamp,
+            quiet_since: now,
+        }
+    }
+
+    /// A watcher event restarts the settle clock: the file is being written.
+    pub fn touched(&mut self, now: Instant) {
+        self.quiet_since = now;
+    }
+
+    /// Folds in a fresh stat; true when the file counts as complete: unchanged in size,
+    /// mtime and identity for `settle` since its last event or change.
+    pub fn observe(&mut self, stamp: FileStamp, now: Instant, settle: Duration) -> bool {
+        if stamp != self.stamp {
+            self.stamp = stamp;
+            self.quiet_since = now;
+            return false;
+        }
+        now.saturating_duration_since(self.quiet_since) >= settle
+    }
+
+    /// When the file would be settled if nothing changes.
+    pub fn due(&self, settle: Duration) -> Instant {
+        self.quiet_since + settle
+    }
+}
+
+/// True when `name` matches one of the ignore patterns (`*` any run, `?` one character).
+pub fn is_ignored(name: &str, patterns: &[String]) -> bool {
+    patterns.iter().any(|p| wildcard_match(p, name))
+}
+
+fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni) = (0, 0);
+    let mut backtrack: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some('*') => {
+                backtrack = Some((pi, ni));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || c == n[ni] => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match backtrack {
+                Some((bp, bn)) => {
+                    pi = bp + 1;
+                    ni = bn + 1;
+                    backtrack = Some((bp, bn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// How a file of `size` bytes is uploaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadShape {
+    Single,
+    Multipart { part_size: u64, parts: u64 },
+}
+
+/// Single PUT up to `threshold`; above it, parts of `part_size`, raised (to a whole MiB)
+/// as far as needed to stay within 10,000 parts.
+pub fn upload_shape(size: u64, threshold: u64, part_size: u64) -> UploadShape {
+    if size <= threshold {
+        return UploadShape::Single;
+    }
+    let mut part_size = part_size.max(size.div_ceil(MAX_PARTS));
+    part_size = part_size.div_ceil(1 << 20) * (1 << 20);
+    UploadShape::Multipart {
+        part_size,
+        parts: size.div_ceil(part_size),
+    }
+}
+
+/// What the ledger remembers of a key it delivered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Delivered {
+    pub token: ChangeToken,
+    /// The path (relative to the inbox) the content was written to.
+    pub path: String,
+    /// The file as written, to tell whether the user changed it since.
+    pub stamp: FileStamp,
+}
+
+/// Whether a listed object must be fetched: only when the ledger has no record of the
+/// key or a different change token. The inbox's content never matters here, so files
+/// the user moved or deleted are not fetched again.
+pub fn needs_fetch(listed: &ChangeToken, record: Option<&Delivered>) -> bool {
+    record.is_none_or(|r| &r.token != listed)
+}
+
+/// Where a downloaded version goes, given what is at its path now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Landing {
+    /// Nothing there (or what is there is ours and untouched): take the path.
+    Path,
+    /// Something the user made or changed is there: keep it, land beside it.
+    Beside,
+}
+
+/// What is at a delivery's destination path before the rename.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    Nothing,
+    /// A regular file with this stamp.
+    File(FileStamp),
+    /// A regular file whose content equals the new download (a crash after the
+    /// rename but before the ledger record left it there).
+    SameContent,
+    /// A directory or anything else that is not a regular file.
+    Other,
+}
+
+/// Replace only what we wrote and nobody changed; otherwise keep the user's copy.
+pub fn landing(existing: Existing, record: Option<&Delivered>, rel_path: &str) -> Landing {
+    match existing {
+        Existing::Nothing | Existing::SameContent => Landing::Path,
+        Existing::File(stamp) => match record {
+            Some(r) if r.path == rel_path && r.stamp == stamp => Landing::Path,
+            _ => Landing::Beside,
+        },
+        Existing::Other => Landing::Beside,
+    }
+}
+
+/// A clear name beside `name` for a version that must not replace it:
+/// `report.out` -> `report.<tag>.out`, `README` -> `README.<tag>`; `n > 0` adds `-n`.
+pub fn beside_name(name: &str, tag: &str, n: u32) -> String {
+    let tag = if n == 0 {
+        tag.to_owned()
+    } else {
+        format!("{tag}-{n}")
+    };
+    match name.rfind('.') {
+        Some(dot) if dot > 0 => format!("{}.{tag}{}", &name[..dot], &name[dot..]),
+        _ => format!("{name}.{tag}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(size: u64, mtime_ns: i64) -> FileStamp {
+        FileStamp {
+            size,
+            mtime_ns,
+            inode: 7,
+        }
+    }
+
+    #[test]
+    fn a_file_settles_only_after_a_quiet_settle_time() {
+        let t0 = Instant::now();
+        let settle = Duration::from_secs(2);
+        let mut c = Candidate::new(stamp(10, 1), t0);
+        assert!(!c.observe(stamp(10, 1), t0 + Duration::from_secs(1), settle));
+        assert!(c.observe(stamp(10, 1), t0 + Duration::from_secs(2), settle));
+    }
+
+    #[test]
+    fn growth_or_a_new_mtime_restarts_the_clock() {
+        let t0 = Instant::now();
+        let settle = Duration::from_secs(2);
+        let mut c = Candidate::new(stamp(10, 1), t0);
+        assert!(!c.observe(stamp(20, 1), t0 + Duration::from_secs(3), settle));
+        assert!(!c.observe(stamp(20, 1), t0 + Duration::from_secs(4), settle));
+        assert!(!c.observe(stamp(20, 2), t0 + Duration::from_secs(5), settle));
+        assert!(c.observe(stamp(20, 2), t0 + Duration::from_secs(7), settle));
+        let mut replaced = stamp(20, 2);
+        replaced.inode = 8;
+        assert!(!c.observe(replaced, t0 + Duration::from_secs(9), settle));
+    }
+
+    #[test]
+    fn an_event_restarts_the_clock() {
+        let t0 = Instant::now();
+        let settle = Duration::from_secs(2);
+        let mut c = Candidate::new(stamp(10, 1), t0);
+        c.touched(t0 + Duration::from_secs(1));
+        assert!(!c.observe(stamp(10, 1), t0 + Duration::from_secs(2), settle));
+        assert!(c.observe(stamp(10, 1), t0 + Duration::from_secs(3), settle));
+        assert_eq!(c.due(settle), t0 + Duration::from_secs(3));
+    }
+
+    #[test]
+    fn ignore_patterns_match_whole_names() {
+        let p: Vec<String> = [".*", "*.part", "*.partial", "*.tmp", "*~", "*.swp"]
+            .map(String::from)
+            .to_vec();
+        for name in [".hidden", "a.part", "b.partial", "c.tmp", "d~", ".e.swp", "x.swp"] {
+            assert!(is_ignored(name, &p), "{name}");
+        }
+        for name in ["report.csv", "part", "a.parts", "tmp", "a.tmp.csv", "ü.csv"] {
+            assert!(!is_ignored(name, &p), "{name}");
+        }
+        assert!(is_ignored("a?c", &["a?c".into()]));
+        assert!(is_ignored("abc", &["a?c".into()]));
+        assert!(is_ignored("abxyzc", &["a*c".into()]));
+        assert!(!is_ignored("abxyzcd", &["a*c".into()]));
+    }
+
+    #[test]
+    fn upload_shape_respects_s3_limits() {
+        let mib = 1 << 20;
+        assert_eq!(upload_shape(16 * mib, 16 * mib, 16 * mib), UploadShape::Single);
+        assert_eq!(
+            upload_shape(40 * mib, 16 * mib, 16 * mib),
+            UploadShape::Multipart {
+                part_size: 16 * mib,
+                parts: 3
+            }
+        );
+        let huge = 5u64 << 40; // 5 TiB, S3's largest object
+        let UploadShape::Multipart { part_size, parts } = upload_shape(huge, 16 * mib, 16 * mib)
+        else {
+            panic!("multipart expected");
+        };
+        assert!(parts <= MAX_PARTS, "{parts}");
+        assert!(part_size <= 5 << 30);
+        assert_eq!(part_size % mib, 0);
+    }
+
+    fn delivered(token: &str) -> Delivered {
+        Delivered {
+            token: ChangeToken::from_etag(&crate::keys::ETag::new(token)),
+            path: "r.out".into(),
+            stamp: stamp(5, 9),
+        }
+    }
+
+    #[test]
+    fn the_ledger_not_the_inbox_decides_what_to_fetch() {
+        let record = delivered("\"a\"");
+        let same = ChangeToken::from_etag(&crate::keys::ETag::new("\"a\""));
+        let changed = ChangeToken::from_etag(&crate::keys::ETag::new("\"b\""));
+        assert!(needs_fetch(&same, None));
+        assert!(!needs_fetch(&same, Some(&record)));
+        assert!(needs_fetch(&changed, Some(&record)));
+    }
+
+    #[test]
+    fn a_changed_local_copy_is_kept() {
+        let record = delivered("\"a\"");
+        assert_eq!(landing(Existing::Nothing, Some(&record), "r.out"), Landing::Path);
+        assert_eq!(
+            landing(Existing::File(stamp(5, 9)), Some(&record), "r.out"),
+            Landing::Path
+        );
+        assert_eq!(
+            landing(Existing::File(stamp(6, 10)), Some(&record), "r.out"),
+            Landing::Beside
+        );
+        assert_eq!(
+            landing(Existing::File(stamp(5, 9)), None, "r.out"),
+            Landing::Beside,
+            "a file we have no record of writing is the user's"
+        );
+        assert_eq!(landing(Existing::SameContent, None, "r.out"), Landing::Path);
+        assert_eq!(landing(Existing::Other, Some(&record), "r.out"), Landing::Beside);
+    }
+
+    #[test]
+    fn beside_names_keep_the_extension() {
+        assert_eq!(beside_name("report.out", "T", 0), "report.T.out");
+        assert_eq!(beside_name("README", "T", 0), "README.T");
+        assert_eq!(beside_name(".profile", "T", 2), ".profile.T-2");
+        assert_eq!(beside_name("a.tar.gz", "T", 1), "a.tar.T-1.gz");
+    }
+}
