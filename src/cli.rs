@@ -14,7 +14,13 @@ use clap::{Parser, Subcommand};
 #[command(name = "s3-exchange", version, about, long_about)]
 pub struct Cli {
     /// Configuration file [default: ~/.config/s3-exchange/config.toml]
-    #[arg(long, short, global = true, env = "S3_EXCHANGE_CONFIG", value_name = "PATH")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "S3_EXCHANGE_CONFIG",
+        value_name = "PATH"
+    )]
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]

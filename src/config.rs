@@ -465,7 +465,9 @@ impl Config {
         {
             return Err(invalid(
                 "s3.role_arn",
-                format!("{arn:?} is not an ARN such as \"arn:aws:iam::111122223333:role/exchange\""),
+                format!(
+                    "{arn:?} is not an ARN such as \"arn:aws:iam::111122223333:role/exchange\""
+                ),
             ));
         }
         if s3.external_id.is_some() && s3.role_arn.is_none() {
@@ -480,7 +482,10 @@ impl Config {
             ("s3.expected_bucket_owner", &s3.expected_bucket_owner),
         ] {
             if value.as_deref().is_some_and(str::is_empty) {
-                return Err(invalid(key, "must not be empty: remove the line instead".into()));
+                return Err(invalid(
+                    key,
+                    "must not be empty: remove the line instead".into(),
+                ));
             }
         }
 
@@ -552,7 +557,9 @@ impl Config {
             if pattern.is_empty() || pattern.contains('/') {
                 return Err(invalid(
                     "outbox.ignore",
-                    format!("{pattern:?}: a pattern matches a file name, so it must be non-empty and contain no '/'"),
+                    format!(
+                        "{pattern:?}: a pattern matches a file name, so it must be non-empty and contain no '/'"
+                    ),
                 ));
             }
         }
@@ -588,7 +595,10 @@ impl Config {
             ("transfer.operation_timeout", t.operation_timeout.0),
         ] {
             if value.is_zero() {
-                return Err(invalid(key, "must be more than zero: no S3 call may hang forever".into()));
+                return Err(invalid(
+                    key,
+                    "must be more than zero: no S3 call may hang forever".into(),
+                ));
             }
         }
         let transfer = Transfer {
@@ -703,7 +713,11 @@ mod tests {
         let cases = [
             ("[outbox]\nsettle = \"2 parsecs\"\n", "settle", "\"500ms\""),
             ("[transfer]\npart_size = \"lots\"\n", "part_size", "16MiB"),
-            ("[outbox]\nafter_upload = \"copy\"\n", "after_upload", "move"),
+            (
+                "[outbox]\nafter_upload = \"copy\"\n",
+                "after_upload",
+                "move",
+            ),
             ("[log]\nformat = \"xml\"\n", "format", "json"),
         ];
         for (snippet, key, hint) in cases {
@@ -715,7 +729,10 @@ mod tests {
         let err = parse("[s3]\nbucket = \"b\"\nacl = \"owner\"\n")
             .expect_err("bad acl")
             .to_string();
-        assert!(err.contains("bucket-owner-full-control") && err.contains("none"), "{err}");
+        assert!(
+            err.contains("bucket-owner-full-control") && err.contains("none"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -741,7 +758,9 @@ mod tests {
 
     #[test]
     fn missing_bucket_is_reported() {
-        let err = parse("[s3]\nregion = \"x\"\n").expect_err("no bucket").to_string();
+        let err = parse("[s3]\nregion = \"x\"\n")
+            .expect_err("no bucket")
+            .to_string();
         assert!(err.contains("bucket"), "{err}");
     }
 

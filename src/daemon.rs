@@ -171,7 +171,11 @@ fn create_dir(what: &'static str, path: &Path) -> Result<(), Error> {
 
 /// Cancels `shutdown` on SIGTERM or SIGINT. SIGHUP re-reads `config_path` and reports
 /// whether it is valid; changes take effect at the next start.
-pub fn handle_signals(shutdown: CancellationToken, config_path: PathBuf, current: Config) -> Result<(), Error> {
+pub fn handle_signals(
+    shutdown: CancellationToken,
+    config_path: PathBuf,
+    current: Config,
+) -> Result<(), Error> {
     let mut signals =
         signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(Error::Signals)?;
     tokio::spawn(async move {
@@ -192,7 +196,9 @@ pub fn handle_signals(shutdown: CancellationToken, config_path: PathBuf, current
                 },
                 _ => {
                     if shutdown.is_cancelled() {
-                        tracing::warn!("second stop signal: still waiting for transfers in flight (the grace period bounds it)");
+                        tracing::warn!(
+                            "second stop signal: still waiting for transfers in flight (the grace period bounds it)"
+                        );
                     } else {
                         tracing::info!(signal, "stopping: finishing transfers in flight");
                         shutdown.cancel();

@@ -86,7 +86,11 @@ impl Inbox {
         let mut start = None;
         let mut listed = 0u64;
         'pages: loop {
-            let page = match self.store.list_page(&self.config.prefix, start.take()).await {
+            let page = match self
+                .store
+                .list_page(&self.config.prefix, start.take())
+                .await
+            {
                 Ok(page) => page,
                 Err(err) => {
                     tracing::warn!(prefix = %self.config.prefix, error = %err, "listing the inbox prefix failed; will try again at the next poll");
@@ -123,7 +127,10 @@ impl Inbox {
                 match tokio::time::timeout(grace, tasks.join_next()).await {
                     Ok(next) => next,
                     Err(_) => {
-                        tracing::warn!(abandoned = tasks.len(), "grace period over: abandoning downloads in flight; they are fetched again next time");
+                        tracing::warn!(
+                            abandoned = tasks.len(),
+                            "grace period over: abandoning downloads in flight; they are fetched again next time"
+                        );
                         tasks.abort_all();
                         break;
                     }
@@ -137,12 +144,21 @@ impl Inbox {
             let Some(done) = next else { break };
             tally(done, &mut totals, &mut changed);
         }
-        tracing::debug!(listed, received = totals.received, failed = totals.failed, "poll done");
+        tracing::debug!(
+            listed,
+            received = totals.received,
+            failed = totals.failed,
+            "poll done"
+        );
         (totals, changed)
     }
 
     /// Decides about one listed object; `Some` means fetch it to that path.
-    async fn plan(&self, object: &Listed, totals: &mut Totals) -> Option<(RelPath, Option<Received>)> {
+    async fn plan(
+        &self,
+        object: &Listed,
+        totals: &mut Totals,
+    ) -> Option<(RelPath, Option<Received>)> {
         if object.key.is_folder_marker() {
             return None;
         }
@@ -161,14 +177,21 @@ impl Inbox {
         match RelPath::from_key(&self.config.prefix, &object.key) {
             Ok(rel) => Some((rel, record)),
             Err(reason) => {
-                self.reject(&object.key, token, &reason.to_string(), totals).await;
+                self.reject(&object.key, token, &reason.to_string(), totals)
+                    .await;
                 None
             }
         }
     }
 
     /// Logs a key that can never be a file (once per version) and remembers it.
-    async fn reject(&self, key: &ObjectKey, token: crate::keys::ChangeToken, reason: &str, totals: &mut Totals) {
+    async fn reject(
+        &self,
+        key: &ObjectKey,
+        token: crate::keys::ChangeToken,
+        reason: &str,
+        totals: &mut Totals,
+    ) {
         if matches!(self.ledger.rejected(key), Ok(Some(r)) if r.token == token) {
             return;
         }
@@ -184,8 +207,16 @@ impl Inbox {
     }
 
     async fn fetch(&self, object: Listed, (rel, record): (RelPath, Option<Received>)) -> Fetched {
-        let mut transfer = Transfer::start(Direction::Download, &object.key, &self.root.path().join(rel.to_path()));
-        let download = match self.store.get_object(&object.key, object.etag.as_ref()).await {
+        let mut transfer = Transfer::start(
+            Direction::Download,
+            &object.key,
+            &self.root.path().join(rel.to_path()),
+        );
+        let download = match self
+            .store
+            .get_object(&object.key, object.etag.as_ref())
+            .await
+        {
             Ok(d) => d,
             Err(err) if matches!(err.class, Class::Changed | Class::Gone) => {
                 tracing::info!(key = %object.key, error = %err, "the object changed or vanished since the listing; listing again");
@@ -241,11 +272,16 @@ impl Inbox {
 
     /// Streams the body into a new temp file, checking length and (where the ETag is
     /// an MD5) content; the temp file is removed on any failure.
-    async fn write_temp(&self, mut download: crate::store::Download) -> Result<(String, [u8; 16], u64), String> {
-        let (name, file) = self
-            .root
-            .create_temp()
-            .map_err(|e| format!("cannot create a temporary file in {}: {e}", self.root.path().display()))?;
+    async fn write_temp(
+        &self,
+        mut download: crate::store::Download,
+    ) -> Result<(String, [u8; 16], u64), String> {
+        let (name, file) = self.root.create_temp().map_err(|e| {
+            format!(
+                "cannot create a temporary file in {}: {e}",
+                self.root.path().display()
+            )
+        })?;
         let result = async {
             let mut file = std::io::BufWriter::with_capacity(256 << 10, file);
             let mut hasher = Md5::new();
@@ -254,8 +290,9 @@ impl Inbox {
                 let chunk = chunk.map_err(|e| format!("the download broke off: {e}"))?;
                 hasher.update(&chunk);
                 size += chunk.len() as u64;
-                tokio::task::block_in_place(|| file.write_all(&chunk))
-                    .map_err(|e| format!("cannot write into {}: {e}", self.root.path().display()))?;
+                tokio::task::block_in_place(|| file.write_all(&chunk)).map_err(|e| {
+                    format!("cannot write into {}: {e}", self.root.path().display())
+                })?;
             }
             let md5: [u8; 16] = hasher.finalize().into();
             if let Some(expected) = download.content_length
@@ -267,7 +304,10 @@ impl Inbox {
                 && let Some(expected) = download.etag.as_ref().and_then(|e| e.plain_md5())
                 && !expected.eq_ignore_ascii_case(&hex(&md5))
             {
-                return Err(format!("content MD5 {} does not match the ETag {expected}", hex(&md5)));
+                return Err(format!(
+                    "content MD5 {} does not match the ETag {expected}",
+                    hex(&md5)
+                ));
             }
             tokio::task::block_in_place(|| {
                 let file = file.into_inner().map_err(|e| e.into_error())?;
@@ -318,7 +358,9 @@ fn land(
                 match root.land(temp, &dir, &beside, false) {
                     Ok(stamp) => {
                         tracing::warn!(path = %rel_str, new_version = %beside, "the local copy was changed (or is not ours): kept it, the new version lands beside it");
-                        let parent = rel_str.rsplit_once('/').map_or(String::new(), |(p, _)| format!("{p}/"));
+                        let parent = rel_str
+                            .rsplit_once('/')
+                            .map_or(String::new(), |(p, _)| format!("{p}/"));
                         return Ok((format!("{parent}{beside}"), stamp));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,

@@ -163,7 +163,11 @@ impl Ledger {
             .map_err(|source| self.io(source))
     }
 
-    fn get<T: DeserializeOwned>(&self, tree: &sled::Tree, key: &ObjectKey) -> Result<Option<T>, Error> {
+    fn get<T: DeserializeOwned>(
+        &self,
+        tree: &sled::Tree,
+        key: &ObjectKey,
+    ) -> Result<Option<T>, Error> {
         let Some(bytes) = tree.get(key.as_str()).map_err(|s| self.io(s))? else {
             return Ok(None);
         };
@@ -177,7 +181,12 @@ impl Ledger {
     }
 
     /// Inserts and flushes: the caller acts on the record only once it is durable.
-    async fn put<T: Serialize>(&self, tree: &sled::Tree, key: &ObjectKey, record: &T) -> Result<(), Error> {
+    async fn put<T: Serialize>(
+        &self,
+        tree: &sled::Tree,
+        key: &ObjectKey,
+        record: &T,
+    ) -> Result<(), Error> {
         let bytes = serde_json::to_vec(record).map_err(|source| Error::Corrupt {
             path: self.path.clone(),
             key: key.to_string(),
@@ -240,7 +249,10 @@ mod tests {
                 .expect("record");
         }
         let ledger = Ledger::open(dir.path()).expect("reopen");
-        assert_eq!(ledger.received(&key("Delivery/a/b")).expect("get"), Some(rec));
+        assert_eq!(
+            ledger.received(&key("Delivery/a/b")).expect("get"),
+            Some(rec)
+        );
         assert_eq!(ledger.received(&key("Delivery/x")).expect("get"), None);
         assert_eq!(ledger.counts(), (0, 1));
     }
@@ -250,6 +262,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let _first = Ledger::open(dir.path()).expect("open");
         let second = Ledger::open(dir.path());
-        assert!(matches!(second, Err(Error::Locked { .. })), "{:?}", second.err());
+        assert!(
+            matches!(second, Err(Error::Locked { .. })),
+            "{:?}",
+            second.err()
+        );
     }
 }

@@ -25,7 +25,10 @@ pub const TEMP_DIR: &str = ".s3-exchange.tmp";
 pub fn stamp_of(meta: &std::fs::Metadata) -> FileStamp {
     FileStamp {
         size: meta.len(),
-        mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
+        mtime_ns: meta
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec()),
         inode: meta.ino(),
     }
 }
@@ -33,7 +36,10 @@ pub fn stamp_of(meta: &std::fs::Metadata) -> FileStamp {
 fn stamp_of_stat(st: &rustix::fs::Stat) -> FileStamp {
     FileStamp {
         size: u64::try_from(st.st_size).unwrap_or(0),
-        mtime_ns: st.st_mtime.saturating_mul(1_000_000_000).saturating_add(st.st_mtime_nsec as i64),
+        mtime_ns: st
+            .st_mtime
+            .saturating_mul(1_000_000_000)
+            .saturating_add(st.st_mtime_nsec as i64),
         inode: st.st_ino,
     }
 }
@@ -153,7 +159,12 @@ impl InboxRoot {
         }
         let stamp = stamp_of_stat(&st);
         if stamp.size == new_size {
-            let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+            let fd = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
             if same_content(File::from(fd))? {
                 return Ok(Existing::SameContent);
             }
@@ -164,7 +175,13 @@ impl InboxRoot {
     /// Atomically renames the temp file to `name` in `dir` (replacing what is there
     /// when `replace`, else failing if the name is taken), then makes the rename
     /// durable. Returns the stamp of the landed file.
-    pub fn land(&self, temp_name: &str, dir: &OwnedFd, name: &str, replace: bool) -> io::Result<FileStamp> {
+    pub fn land(
+        &self,
+        temp_name: &str,
+        dir: &OwnedFd,
+        name: &str,
+        replace: bool,
+    ) -> io::Result<FileStamp> {
         let flags = if replace {
             RenameFlags::empty()
         } else {
@@ -198,7 +215,12 @@ fn open_or_create_dir(parent: &impl AsFd, name: &str) -> io::Result<OwnedFd> {
         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
         Err(e) => return Err(e.into()),
     }
-    Ok(rustix::fs::openat(parent, name, dir_flags(), Mode::empty())?)
+    Ok(rustix::fs::openat(
+        parent,
+        name,
+        dir_flags(),
+        Mode::empty(),
+    )?)
 }
 
 /// Moves a sent file to `dest`, creating its folders; never overwrites: a name already
@@ -221,7 +243,13 @@ pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<PathBuf> {
             crate::plan::beside_name(&name, tag, n - 1)
         };
         let target = parent.join(&candidate);
-        match rustix::fs::renameat_with(rustix::fs::CWD, src, &dir, candidate.as_str(), RenameFlags::NOREPLACE) {
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            src,
+            &dir,
+            candidate.as_str(),
+            RenameFlags::NOREPLACE,
+        ) {
             Ok(()) => {
                 rustix::fs::fsync(&dir)?;
                 return Ok(target);
@@ -244,7 +272,10 @@ pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<PathBuf> {
 
 fn copy_durably(src: &Path, dest: &Path) -> io::Result<()> {
     let mut from = File::open(src)?;
-    let mut to = std::fs::OpenOptions::new().write(true).create_new(true).open(dest)?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)?;
     io::copy(&mut from, &mut to)?;
     to.sync_all()
 }
@@ -285,8 +316,16 @@ mod tests {
         let dir = root.open_parent(&r).expect("parent");
         let stamp = root.land(&name, &dir, r.file_name(), true).expect("land");
         assert_eq!(stamp.size, 5);
-        assert_eq!(std::fs::read(tmp.path().join("a/b/c.txt")).expect("read"), b"hello");
-        assert_eq!(std::fs::read_dir(tmp.path().join(TEMP_DIR)).expect("ls").count(), 0);
+        assert_eq!(
+            std::fs::read(tmp.path().join("a/b/c.txt")).expect("read"),
+            b"hello"
+        );
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join(TEMP_DIR))
+                .expect("ls")
+                .count(),
+            0
+        );
     }
 
     #[test]
@@ -295,7 +334,12 @@ mod tests {
         std::fs::create_dir_all(tmp.path().join(TEMP_DIR)).expect("mkdir");
         std::fs::write(tmp.path().join(TEMP_DIR).join("dl-1"), b"partial").expect("write");
         InboxRoot::open(tmp.path()).expect("open");
-        assert_eq!(std::fs::read_dir(tmp.path().join(TEMP_DIR)).expect("ls").count(), 0);
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join(TEMP_DIR))
+                .expect("ls")
+                .count(),
+            0
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! failure, `error`: `jq 'select(.fields.message == "transfer")'` finds them all.
 
 use std::fmt::Display;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -39,11 +40,20 @@ pub fn init(log: &config::Log) -> Guard {
             .with_ansi(false)
             .with_writer(std::io::stderr)
             .boxed(),
-        (LogFormat::Text, false) => fmt::layer().with_writer(std::io::stderr).boxed(),
+        (LogFormat::Text, false) => fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     let (file, guard, file_error) = match file_writer(&log.dir) {
         Ok((writer, guard)) => (
-            Some(fmt::layer().json().with_ansi(false).with_writer(writer).with_filter(filter())),
+            Some(
+                fmt::layer()
+                    .json()
+                    .with_ansi(false)
+                    .with_writer(writer)
+                    .with_filter(filter()),
+            ),
             Some(guard),
             None,
         ),
@@ -61,7 +71,8 @@ pub fn init(log: &config::Log) -> Guard {
 
 fn file_writer(
     dir: &Path,
-) -> Result<(tracing_appender::non_blocking::NonBlocking, WorkerGuard), Box<dyn std::error::Error>> {
+) -> Result<(tracing_appender::non_blocking::NonBlocking, WorkerGuard), Box<dyn std::error::Error>>
+{
     std::fs::create_dir_all(dir)?;
     let appender = tracing_appender::rolling::Builder::new()
         .rotation(tracing_appender::rolling::Rotation::DAILY)
@@ -115,6 +126,7 @@ impl Transfer {
 
     pub fn done(&self, bytes: u64, etag: Option<&ETag>) {
         tracing::info!(
+            target: "s3_exchange::transfer",
             direction = self.direction.as_str(),
             key = %self.key,
             path = %self.path.display(),
@@ -128,6 +140,7 @@ impl Transfer {
 
     pub fn failed(&self, outcome: &str, error: &dyn Display) {
         tracing::warn!(
+            target: "s3_exchange::transfer",
             direction = self.direction.as_str(),
             key = %self.key,
             path = %self.path.display(),

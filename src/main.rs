@@ -22,7 +22,10 @@ fn main() -> ExitCode {
         }
     };
     let _guard = logging::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             tracing::error!(error = %err, "cannot start the async runtime");
@@ -38,7 +41,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command, path: std::path::PathBuf, config: Config) -> Result<ExitCode, daemon::Error> {
+async fn run(
+    command: Command,
+    path: std::path::PathBuf,
+    config: Config,
+) -> Result<ExitCode, daemon::Error> {
     let shutdown = CancellationToken::new();
     daemon::handle_signals(shutdown.clone(), path, config.clone())?;
     let daemon = Daemon::start(&config).await?;

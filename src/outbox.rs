@@ -135,7 +135,9 @@ impl Outbox {
                     state.backoff.clear();
                 }
             }
-            state.pending.retain(|p, _| !state.quarantined.contains_key(p));
+            state
+                .pending
+                .retain(|p, _| !state.quarantined.contains_key(p));
         }
         state.wind_down(self.transfer.shutdown_grace).await;
         state.totals
@@ -245,7 +247,11 @@ impl State {
         };
         if !meta.is_file() {
             if self.skipped.insert(path.to_owned()) {
-                let what = if meta.file_type().is_symlink() { "a symlink" } else { "not a regular file" };
+                let what = if meta.file_type().is_symlink() {
+                    "a symlink"
+                } else {
+                    "not a regular file"
+                };
                 tracing::warn!(path = %path.display(), "skipped: {what}; only regular files are sent (replace the link with the file itself)");
             }
             return;
@@ -279,9 +285,8 @@ impl State {
         let rel = path
             .strip_prefix(&self.outbox.config.dir)
             .map_err(|_| "not inside the outbox".to_owned())?;
-        ObjectKey::for_upload(&self.outbox.config.prefix, rel).map_err(|e| {
-            format!("its name cannot be an S3 key: {e}; rename the file to leave it")
-        })
+        ObjectKey::for_upload(&self.outbox.config.prefix, rel)
+            .map_err(|e| format!("its name cannot be an S3 key: {e}; rename the file to leave it"))
     }
 
     /// Starts uploads for every settled file, as far as permits allow.
@@ -340,7 +345,9 @@ impl State {
                 self.backoff.get(path).map_or(due, |b| due.max(b.until))
             })
             .min()
-            .map_or(now + Duration::from_secs(3600), |t| t.max(now + Duration::from_millis(10)))
+            .map_or(now + Duration::from_secs(3600), |t| {
+                t.max(now + Duration::from_millis(10))
+            })
     }
 
     fn finished(&mut self, done: Result<(PathBuf, FileStamp, Outcome), tokio::task::JoinError>) {
@@ -402,7 +409,8 @@ impl State {
                 until: now + delay,
             },
         );
-        self.pending.insert(path.to_owned(), Candidate::new(stamp, now));
+        self.pending
+            .insert(path.to_owned(), Candidate::new(stamp, now));
     }
 
     /// Shutdown: start nothing new; give in-flight uploads the grace period, then drop
@@ -411,14 +419,21 @@ impl State {
         if self.tasks.is_empty() {
             return;
         }
-        tracing::info!(in_flight = self.tasks.len(), grace_ms = grace.as_millis() as u64, "waiting for uploads in flight");
+        tracing::info!(
+            in_flight = self.tasks.len(),
+            grace_ms = grace.as_millis() as u64,
+            "waiting for uploads in flight"
+        );
         let deadline = tokio::time::Instant::now() + grace;
         while !self.tasks.is_empty() {
             match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
                 Ok(Some(done)) => self.finished(done),
                 Ok(None) => break,
                 Err(_) => {
-                    tracing::warn!(abandoned = self.tasks.len(), "grace period over: abandoning uploads in flight; their files stay in the outbox");
+                    tracing::warn!(
+                        abandoned = self.tasks.len(),
+                        "grace period over: abandoning uploads in flight; their files stay in the outbox"
+                    );
                     self.tasks.abort_all();
                     break;
                 }
@@ -433,7 +448,8 @@ fn backoff_delay(attempts: u32) -> Duration {
     let base = Duration::from_secs(1).saturating_mul(1 << attempts.saturating_sub(1).min(16));
     let base = base.min(MAX_BACKOFF);
     let jitter = rand::random::<f64>() * 0.5;
-    base.mul_f64(1.0 - jitter / 2.0).max(Duration::from_millis(100))
+    base.mul_f64(1.0 - jitter / 2.0)
+        .max(Duration::from_millis(100))
 }
 
 impl Outbox {
@@ -451,13 +467,20 @@ impl Outbox {
         let transfer = Transfer::start(Direction::Upload, &key, path);
         match current_stamp(path) {
             None => return Outcome::Vanished,
-            Some(now) if now != stamp => return Outcome::Again("it changed before the upload".into()),
+            Some(now) if now != stamp => {
+                return Outcome::Again("it changed before the upload".into());
+            }
             Some(_) => {}
         }
-        let result = match plan::upload_shape(stamp.size, self.transfer.multipart_threshold, self.transfer.part_size) {
+        let result = match plan::upload_shape(
+            stamp.size,
+            self.transfer.multipart_threshold,
+            self.transfer.part_size,
+        ) {
             UploadShape::Single => self.put_single(&key, path, stamp.size).await,
             UploadShape::Multipart { part_size, parts } => {
-                self.put_multipart(&key, path, stamp, part_size, parts).await
+                self.put_multipart(&key, path, stamp, part_size, parts)
+                    .await
             }
         };
         let (etag, checksum) = match result {
@@ -506,7 +529,12 @@ impl Outbox {
         self.after_upload(path, &key).await
     }
 
-    async fn put_single(&self, key: &ObjectKey, path: &Path, size: u64) -> Result<(Option<ETag>, String), UploadError> {
+    async fn put_single(
+        &self,
+        key: &ObjectKey,
+        path: &Path,
+        size: u64,
+    ) -> Result<(Option<ETag>, String), UploadError> {
         let md5 = hash_range(path, 0, size).await?;
         let etag = self.store.put_object(key, path, size, &md5).await?;
         Ok((etag, hex(&md5)))
@@ -544,7 +572,10 @@ impl Outbox {
                 return Err(UploadError::Changed);
             }
             let parts: Vec<store::Part> = sent.iter().map(|(p, _)| p.clone()).collect();
-            let etag = self.store.complete_multipart(key, &upload_id, &parts).await?;
+            let etag = self
+                .store
+                .complete_multipart(key, &upload_id, &parts)
+                .await?;
             let mut all = Md5::new();
             for (_, md5) in &sent {
                 all.update(md5);
@@ -647,6 +678,9 @@ mod tests {
     #[test]
     fn timestamp_tags_are_name_safe() {
         let tag = timestamp_tag();
-        assert!(tag.ends_with('Z') && !tag.contains(':') && !tag.contains('/'), "{tag}");
+        assert!(
+            tag.ends_with('Z') && !tag.contains(':') && !tag.contains('/'),
+            "{tag}"
+        );
     }
 }

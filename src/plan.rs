@@ -229,7 +229,15 @@ mod tests {
         let p: Vec<String> = [".*", "*.part", "*.partial", "*.tmp", "*~", "*.swp"]
             .map(String::from)
             .to_vec();
-        for name in [".hidden", "a.part", "b.partial", "c.tmp", "d~", ".e.swp", "x.swp"] {
+        for name in [
+            ".hidden",
+            "a.part",
+            "b.partial",
+            "c.tmp",
+            "d~",
+            ".e.swp",
+            "x.swp",
+        ] {
             assert!(is_ignored(name, &p), "{name}");
         }
         for name in ["report.csv", "part", "a.parts", "tmp", "a.tmp.csv", "ü.csv"] {
@@ -244,7 +252,10 @@ mod tests {
     #[test]
     fn upload_shape_respects_s3_limits() {
         let mib = 1 << 20;
-        assert_eq!(upload_shape(16 * mib, 16 * mib, 16 * mib), UploadShape::Single);
+        assert_eq!(
+            upload_shape(16 * mib, 16 * mib, 16 * mib),
+            UploadShape::Single
+        );
         assert_eq!(
             upload_shape(40 * mib, 16 * mib, 16 * mib),
             UploadShape::Multipart {
@@ -283,7 +294,10 @@ mod tests {
     #[test]
     fn a_changed_local_copy_is_kept() {
         let record = delivered("\"a\"");
-        assert_eq!(landing(Existing::Nothing, Some(&record), "r.out"), Landing::Path);
+        assert_eq!(
+            landing(Existing::Nothing, Some(&record), "r.out"),
+            Landing::Path
+        );
         assert_eq!(
             landing(Existing::File(stamp(5, 9)), Some(&record), "r.out"),
             Landing::Path
@@ -298,7 +312,10 @@ mod tests {
             "a file we have no record of writing is the user's"
         );
         assert_eq!(landing(Existing::SameContent, None, "r.out"), Landing::Path);
-        assert_eq!(landing(Existing::Other, Some(&record), "r.out"), Landing::Beside);
+        assert_eq!(
+            landing(Existing::Other, Some(&record), "r.out"),
+            Landing::Beside
+        );
     }
 
     #[test]

@@ -157,7 +157,8 @@ impl Store {
             if let Some(id) = &s3.external_id {
                 role = role.external_id(id);
             }
-            builder = builder.credentials_provider(SharedCredentialsProvider::new(role.build().await));
+            builder =
+                builder.credentials_provider(SharedCredentialsProvider::new(role.build().await));
         }
         Ok(Self {
             client: Client::from_conf(builder.build()),
@@ -178,7 +179,9 @@ impl Store {
         len: u64,
         md5: &[u8; 16],
     ) -> Result<Option<ETag>, Error> {
-        let body = file_body(path, 0, len).await.map_err(|e| io_error("PutObject", key, e))?;
+        let body = file_body(path, 0, len)
+            .await
+            .map_err(|e| io_error("PutObject", key, e))?;
         let out = self
             .client
             .put_object()
@@ -275,7 +278,11 @@ impl Store {
             .key(key.as_str())
             .upload_id(upload_id)
             .set_expected_bucket_owner(self.expected_owner.clone())
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
             .send()
             .await
             .map_err(|e| sdk_error("CompleteMultipartUpload", key, e))?;
@@ -297,7 +304,11 @@ impl Store {
     }
 
     /// One page (up to 1,000 keys) of ListObjectsV2 under `prefix`.
-    pub async fn list_page(&self, prefix: &Prefix, start: Option<String>) -> Result<ListPage, Error> {
+    pub async fn list_page(
+        &self,
+        prefix: &Prefix,
+        start: Option<String>,
+    ) -> Result<ListPage, Error> {
         let out = self
             .client
             .list_objects_v2()
@@ -317,7 +328,10 @@ impl Store {
                     key: ObjectKey::from_listing(o.key?),
                     etag: o.e_tag.filter(|e| !e.is_empty()).map(ETag::new),
                     size: o.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                    last_modified_ms: o.last_modified.and_then(|t| t.to_millis().ok()).unwrap_or(0),
+                    last_modified_ms: o
+                        .last_modified
+                        .and_then(|t| t.to_millis().ok())
+                        .unwrap_or(0),
                 })
             })
             .collect();
@@ -330,7 +344,11 @@ impl Store {
     }
 
     /// GET pinned to the listed version with `If-Match` when there is an ETag.
-    pub async fn get_object(&self, key: &ObjectKey, if_match: Option<&ETag>) -> Result<Download, Error> {
+    pub async fn get_object(
+        &self,
+        key: &ObjectKey,
+        if_match: Option<&ETag>,
+    ) -> Result<Download, Error> {
         let out = self
             .client
             .get_object()
@@ -353,7 +371,11 @@ impl Store {
     }
 }
 
-async fn file_body(path: &Path, offset: u64, len: u64) -> Result<ByteStream, aws_smithy_types::byte_stream::error::Error> {
+async fn file_body(
+    path: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<ByteStream, aws_smithy_types::byte_stream::error::Error> {
     ByteStream::read_from()
         .path(path)
         .offset(offset)
@@ -430,9 +452,17 @@ pub fn classify(failure: Failure, status: Option<u16>, code: Option<&str>) -> Cl
     }
     match code {
         Some(
-            "SlowDown" | "Throttling" | "ThrottlingException" | "RequestTimeout"
-            | "RequestTimeTooSkewed" | "InternalError" | "ServiceUnavailable" | "ExpiredToken"
-            | "TokenRefreshRequired" | "BadDigest" | "IncompleteBody",
+            "SlowDown"
+            | "Throttling"
+            | "ThrottlingException"
+            | "RequestTimeout"
+            | "RequestTimeTooSkewed"
+            | "InternalError"
+            | "ServiceUnavailable"
+            | "ExpiredToken"
+            | "TokenRefreshRequired"
+            | "BadDigest"
+            | "IncompleteBody",
         ) => return Class::Transient,
         Some("PreconditionFailed") => return Class::Changed,
         Some("NoSuchKey") => return Class::Gone,
@@ -450,7 +480,12 @@ pub fn classify(failure: Failure, status: Option<u16>, code: Option<&str>) -> Cl
 }
 
 /// The likely cause of a refusal, naming the setting that fixes it.
-pub fn hint(op: &str, status: Option<u16>, code: Option<&str>, message: &str) -> Option<&'static str> {
+pub fn hint(
+    op: &str,
+    status: Option<u16>,
+    code: Option<&str>,
+    message: &str,
+) -> Option<&'static str> {
     match code {
         Some("AccessDenied") if op == "UploadPart" => Some(
             "the bucket policy refuses parts (UploadPart carries no x-amz-acl, so a policy requiring s3:x-amz-acl denies every part): ask the owner to exempt UploadPart, or raise transfer.multipart_threshold so files go as single PUTs (up to 5GiB)",
@@ -472,9 +507,11 @@ pub fn hint(op: &str, status: Option<u16>, code: Option<&str>, message: &str) ->
         Some("ExpiredToken") => Some(
             "the session expired: refresh it (aws sso login, or the role's source credentials)",
         ),
-        Some("PermanentRedirect" | "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException") => {
-            Some("the bucket is in another region: set s3.region to the bucket's region")
-        }
+        Some(
+            "PermanentRedirect"
+            | "AuthorizationHeaderMalformed"
+            | "IllegalLocationConstraintException",
+        ) => Some("the bucket is in another region: set s3.region to the bucket's region"),
         Some("RequestTimeTooSkewed") => Some("this machine's clock is off: synchronise it (NTP)"),
         _ if status == Some(403) => Some(
             "access denied (a wrong s3.expected_bucket_owner gives this too): check the bucket policy, s3.acl and s3.expected_bucket_owner",
@@ -494,31 +531,68 @@ mod tests {
     fn network_trouble_and_throttling_are_transient() {
         assert_eq!(classify(Failure::Timeout, None, None), Class::Transient);
         assert_eq!(classify(Failure::Dispatch, None, None), Class::Transient);
-        assert_eq!(classify(Failure::Response, Some(503), Some("SlowDown")), Class::Transient);
-        assert_eq!(classify(Failure::Response, Some(500), None), Class::Transient);
-        assert_eq!(classify(Failure::Response, Some(429), None), Class::Transient);
-        assert_eq!(classify(Failure::Response, Some(400), Some("RequestTimeout")), Class::Transient);
-        assert_eq!(classify(Failure::Response, Some(400), Some("BadDigest")), Class::Transient);
+        assert_eq!(
+            classify(Failure::Response, Some(503), Some("SlowDown")),
+            Class::Transient
+        );
+        assert_eq!(
+            classify(Failure::Response, Some(500), None),
+            Class::Transient
+        );
+        assert_eq!(
+            classify(Failure::Response, Some(429), None),
+            Class::Transient
+        );
+        assert_eq!(
+            classify(Failure::Response, Some(400), Some("RequestTimeout")),
+            Class::Transient
+        );
+        assert_eq!(
+            classify(Failure::Response, Some(400), Some("BadDigest")),
+            Class::Transient
+        );
         assert_eq!(classify(Failure::Response, None, None), Class::Transient);
     }
 
     #[test]
     fn refusals_are_permanent() {
-        for code in ["AccessDenied", "AccessControlListNotSupported", "InvalidBucketName", "NoSuchBucket"] {
-            assert_eq!(classify(Failure::Response, Some(403), Some(code)), Class::Permanent, "{code}");
+        for code in [
+            "AccessDenied",
+            "AccessControlListNotSupported",
+            "InvalidBucketName",
+            "NoSuchBucket",
+        ] {
+            assert_eq!(
+                classify(Failure::Response, Some(403), Some(code)),
+                Class::Permanent,
+                "{code}"
+            );
         }
         assert_eq!(
-            classify(Failure::Response, Some(400), Some("XAmzContentSHA256Mismatch")),
+            classify(
+                Failure::Response,
+                Some(400),
+                Some("XAmzContentSHA256Mismatch")
+            ),
             Class::Permanent
         );
-        assert_eq!(classify(Failure::Construction, None, None), Class::Permanent);
+        assert_eq!(
+            classify(Failure::Construction, None, None),
+            Class::Permanent
+        );
     }
 
     #[test]
     fn version_changes_and_deletions_are_told_apart() {
-        assert_eq!(classify(Failure::Response, Some(412), Some("PreconditionFailed")), Class::Changed);
+        assert_eq!(
+            classify(Failure::Response, Some(412), Some("PreconditionFailed")),
+            Class::Changed
+        );
         assert_eq!(classify(Failure::Response, Some(412), None), Class::Changed);
-        assert_eq!(classify(Failure::Response, Some(404), Some("NoSuchKey")), Class::Gone);
+        assert_eq!(
+            classify(Failure::Response, Some(404), Some("NoSuchKey")),
+            Class::Gone
+        );
     }
 
     #[test]
@@ -527,9 +601,15 @@ mod tests {
         assert!(h("XAmzContentSHA256Mismatch").contains("s3.checksums = \"when_required\""));
         assert!(h("AccessControlListNotSupported").contains("s3.acl"));
         assert!(h("AccessDenied").contains("s3.acl"));
-        assert!(hint("UploadPart", Some(403), Some("AccessDenied"), "")
-            .unwrap_or_default()
-            .contains("multipart_threshold"));
-        assert!(hint("GetObject", Some(403), None, "").unwrap_or_default().contains("expected_bucket_owner"));
+        assert!(
+            hint("UploadPart", Some(403), Some("AccessDenied"), "")
+                .unwrap_or_default()
+                .contains("multipart_threshold")
+        );
+        assert!(
+            hint("GetObject", Some(403), None, "")
+                .unwrap_or_default()
+                .contains("expected_bucket_owner")
+        );
     }
 }

@@ -57,8 +57,8 @@ pub fn watch(dir: &Path) -> Result<(Watcher, Hints, Arc<Rescan>), notify::Error>
     let (tx, rx) = mpsc::channel(QUEUE);
     let rescan = Arc::new(Rescan::default());
     let flag = Arc::clone(&rescan);
-    let mut inner = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        match res {
+    let mut inner =
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
             Ok(event) if event.need_rescan() => {
                 tracing::warn!("the watcher lost events (queue overflow): rescanning the outbox");
                 flag.request();
@@ -76,9 +76,10 @@ pub fn watch(dir: &Path) -> Result<(Watcher, Hints, Arc<Rescan>), notify::Error>
                 report_error(&err);
                 flag.request();
             }
-        }
-    })?;
-    inner.watch(dir, RecursiveMode::Recursive).inspect_err(report_error)?;
+        })?;
+    inner
+        .watch(dir, RecursiveMode::Recursive)
+        .inspect_err(report_error)?;
     Ok((Watcher { _inner: inner }, rx, rescan))
 }
 
@@ -87,7 +88,12 @@ fn is_interesting(kind: &EventKind) -> bool {
     matches!(
         kind,
         EventKind::Create(_)
-            | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Name(_) | ModifyKind::Any | ModifyKind::Metadata(_))
+            | EventKind::Modify(
+                ModifyKind::Data(_)
+                    | ModifyKind::Name(_)
+                    | ModifyKind::Any
+                    | ModifyKind::Metadata(_)
+            )
             | EventKind::Access(AccessKind::Close(AccessMode::Write))
             | EventKind::Any
     )
