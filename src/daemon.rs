@@ -105,6 +105,7 @@ impl Daemon {
                 transfer: config.transfer.clone(),
                 store: store.clone(),
                 ledger: Arc::clone(&ledger),
+                parts_denied: Default::default(),
             }),
             inbox: Arc::new(Inbox {
                 config: config.inbox.clone(),

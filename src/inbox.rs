@@ -175,6 +175,11 @@ impl Inbox {
             return None;
         }
         match RelPath::from_key(&self.config.prefix, &object.key) {
+            Ok(rel) if rel.segments()[0] == localfs::TEMP_DIR => {
+                let reason = format!("{} is the daemon's own temporary folder", localfs::TEMP_DIR);
+                self.reject(&object.key, token, &reason, totals).await;
+                None
+            }
             Ok(rel) => Some((rel, record)),
             Err(reason) => {
                 self.reject(&object.key, token, &reason.to_string(), totals)

@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -38,6 +39,10 @@ pub struct Outbox {
     pub transfer: config::Transfer,
     pub store: Store,
     pub ledger: Arc<Ledger>,
+    /// Set once the bucket refused an UploadPart after accepting the
+    /// CreateMultipartUpload: a policy demanding `s3:x-amz-acl` denies every part (parts
+    /// carry no ACL header). From then on files up to 5 GiB go as single PUTs.
+    pub parts_denied: AtomicBool,
 }
 
 /// Counts for `sync` and the shutdown log line.
@@ -84,6 +89,8 @@ struct State {
     unmoved: HashMap<PathBuf, (ObjectKey, FileStamp)>,
     /// Paths already logged as skipped (symlinks, special files), to log once.
     skipped: HashSet<PathBuf>,
+    /// False for `sync`: a failure is counted and the file left for the next run.
+    retry: bool,
     permits: Arc<Semaphore>,
     tasks: JoinSet<(PathBuf, FileStamp, Outcome)>,
     totals: Totals,
@@ -120,8 +127,10 @@ impl Outbox {
     }
 
     /// One pass for `sync`: everything in the outbox now, once settled, then return.
+    /// What fails is counted, not retried.
     pub async fn run_once(self: Arc<Self>, shutdown: CancellationToken) -> Totals {
         let mut state = State::new(Arc::clone(&self));
+        state.retry = false;
         state.scan_all();
         while !(state.pending.is_empty() && state.tasks.is_empty()) {
             state.dispatch();
@@ -129,15 +138,8 @@ impl Outbox {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep_until(wake.into()) => {}
-                Some(done) = state.tasks.join_next(), if !state.tasks.is_empty() => {
-                    state.finished(done);
-                    // One pass: what failed is counted, not retried.
-                    state.backoff.clear();
-                }
+                Some(done) = state.tasks.join_next(), if !state.tasks.is_empty() => state.finished(done),
             }
-            state
-                .pending
-                .retain(|p, _| !state.quarantined.contains_key(p));
         }
         state.wind_down(self.transfer.shutdown_grace).await;
         state.totals
@@ -170,6 +172,7 @@ impl State {
             quarantined: HashMap::new(),
             unmoved: HashMap::new(),
             skipped: HashSet::new(),
+            retry: true,
             tasks: JoinSet::new(),
             totals: Totals::default(),
         }
@@ -394,6 +397,10 @@ impl State {
     }
 
     fn retry_later(&mut self, path: &Path, stamp: FileStamp, reason: &str, now: Instant) {
+        if !self.retry {
+            tracing::error!(path = %path.display(), reason = %reason, "not sent; it stays in the outbox");
+            return;
+        }
         let attempts = self
             .backoff
             .get(path)
@@ -472,15 +479,32 @@ impl Outbox {
             }
             Some(_) => {}
         }
-        let result = match plan::upload_shape(
+        let single_only =
+            self.parts_denied.load(Ordering::Relaxed) && stamp.size <= config::MAX_SINGLE_PUT;
+        let shape = match plan::upload_shape(
             stamp.size,
             self.transfer.multipart_threshold,
             self.transfer.part_size,
         ) {
+            UploadShape::Multipart { .. } if single_only => UploadShape::Single,
+            shape => shape,
+        };
+        let result = match shape {
             UploadShape::Single => self.put_single(&key, path, stamp.size).await,
             UploadShape::Multipart { part_size, parts } => {
-                self.put_multipart(&key, path, stamp, part_size, parts)
+                match self
+                    .put_multipart(&key, path, stamp, part_size, parts)
                     .await
+                {
+                    Err(UploadError::S3(err))
+                        if is_parts_denied(&err) && stamp.size <= config::MAX_SINGLE_PUT =>
+                    {
+                        self.parts_denied.store(true, Ordering::Relaxed);
+                        tracing::warn!(key = %key, error = %err, "the bucket accepts multipart uploads but denies their parts; sending files up to 5GiB as single PUTs from now on");
+                        self.put_single(&key, path, stamp.size).await
+                    }
+                    other => other,
+                }
             }
         };
         let (etag, checksum) = match result {
@@ -642,6 +666,11 @@ async fn hash_range(path: &Path, offset: u64, len: u64) -> Result<[u8; 16], Uplo
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         .map_err(UploadError::Local)
+}
+
+/// AccessDenied on a part after the upload was created: the ACL-condition policy trap.
+fn is_parts_denied(err: &store::Error) -> bool {
+    err.op == "UploadPart" && err.code.as_deref() == Some("AccessDenied")
 }
 
 fn current_stamp(path: &Path) -> Option<FileStamp> {
