@@ -20,7 +20,7 @@ use crate::keys::{ObjectKey, RelPath};
 use crate::ledger::{self, Ledger, Received, Rejected};
 use crate::localfs::{self, InboxRoot};
 use crate::logging::{Direction, Transfer};
-use crate::plan::{self, Delivered, Existing, Landing};
+use crate::plan::{self, Delivered, Landing};
 use crate::store::{Class, Listed, Store};
 
 /// What the inbox worker needs.
@@ -30,6 +30,8 @@ pub struct Inbox {
     pub store: Store,
     pub ledger: Arc<Ledger>,
     pub root: InboxRoot,
+    /// Notified (SIGUSR1) to poll now instead of at the end of the interval.
+    pub poll_now: tokio::sync::Notify,
 }
 
 /// Counts of one poll (or, summed, of a run).
@@ -71,6 +73,7 @@ impl Inbox {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(wait) => {}
+                () = self.poll_now.notified() => tracing::info!("polling now, as asked"),
             }
         }
         totals
@@ -250,9 +253,23 @@ impl Inbox {
         };
         let (landed_rel, stamp) = match landed {
             Ok(done) => done,
-            Err(err) => {
+            Err(LandError::Blocked(reason)) => {
                 self.root.remove_temp(&temp);
-                transfer.failed("failed", &format!("{err} (inbox {})", root_path.display()));
+                transfer.failed("rejected", &reason);
+                let mut totals = Totals::default();
+                self.reject(&object.key, object.token(), &reason, &mut totals)
+                    .await;
+                return Fetched::Failed;
+            }
+            Err(LandError::Io(err)) => {
+                self.root.remove_temp(&temp);
+                transfer.failed(
+                    "failed",
+                    &format!(
+                        "{err} (inbox {}); retrying at the next poll",
+                        root_path.display()
+                    ),
+                );
                 return Fetched::Failed;
             }
         };
@@ -307,11 +324,11 @@ impl Inbox {
             }
             if !download.kms
                 && let Some(expected) = download.etag.as_ref().and_then(|e| e.plain_md5())
-                && !expected.eq_ignore_ascii_case(&hex(&md5))
+                && !expected.eq_ignore_ascii_case(&plan::hex(&md5))
             {
                 return Err(format!(
                     "content MD5 {} does not match the ETag {expected}",
-                    hex(&md5)
+                    plan::hex(&md5)
                 ));
             }
             tokio::task::block_in_place(|| {
@@ -341,18 +358,22 @@ fn land(
     md5: [u8; 16],
     size: u64,
     record: Option<&Received>,
-) -> std::io::Result<(String, plan::FileStamp)> {
-    let dir = root.open_parent(rel)?;
+) -> Result<(String, plan::FileStamp), LandError> {
+    let dir = root.open_parent(rel).map_err(|e| match e.kind() {
+        // A file or a symlink where a folder must be: this key can never land.
+        std::io::ErrorKind::NotADirectory => LandError::Blocked(e.to_string()),
+        _ => LandError::Io(e),
+    })?;
     let name = rel.file_name();
     let existing = root.existing(&dir, name, |f| Ok(localfs::md5_file(f)? == md5), size)?;
     let rel_str = rel.to_string();
     match plan::landing(existing, record.map(|r| &r.delivered), &rel_str) {
         Landing::Path => {
-            let stamp = root.land(temp, &dir, name, existing != Existing::Other)?;
+            let stamp = root.land(temp, &dir, name, true)?;
             Ok((rel_str, stamp))
         }
         Landing::Beside => {
-            let tag = crate::outbox::timestamp_tag();
+            let tag = plan::time_tag(std::time::SystemTime::now());
             let mut n = 0;
             loop {
                 let beside = plan::beside_name(name, &tag, n);
@@ -369,10 +390,24 @@ fn land(
                         return Ok((format!("{parent}{beside}"), stamp));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
+    }
+}
+
+/// Why a verified download could not be put in its place.
+enum LandError {
+    /// A file or symlink stands where a folder of the key's path must be.
+    Blocked(String),
+    /// Disk trouble (full, not writable): try again later.
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for LandError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
     }
 }
 
@@ -395,6 +430,3 @@ fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + rand::random::<f64>() * 0.2)
 }
 
-fn hex(bytes: &[u8; 16]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}

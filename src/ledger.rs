@@ -65,6 +65,27 @@ pub struct Received {
     pub received_at_ms: i64,
 }
 
+/// A multipart upload in progress, kept so that a restart resumes it from the parts
+/// already sent instead of starting over (or aborts it if the file changed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Upload {
+    pub upload_id: String,
+    /// The file's path relative to the outbox.
+    pub path: String,
+    pub stamp: FileStamp,
+    pub part_size: u64,
+    /// Parts S3 accepted, in order of completion.
+    pub parts: Vec<UploadedPart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadedPart {
+    pub number: i32,
+    pub etag: Option<String>,
+    /// Hex MD5 of the part, for the recorded checksum.
+    pub md5: String,
+}
+
 /// A key that can never become a file in the inbox, remembered so that it is logged
 /// once, not at every poll. A new version (token) is looked at again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +100,7 @@ pub struct Ledger {
     sent: sled::Tree,
     received: sled::Tree,
     rejected: sled::Tree,
+    uploads: sled::Tree,
 }
 
 impl Ledger {
@@ -120,6 +142,7 @@ impl Ledger {
             sent: db.open_tree("sent").map_err(io)?,
             received: db.open_tree("received").map_err(io)?,
             rejected: db.open_tree("rejected").map_err(io)?,
+            uploads: db.open_tree("uploads").map_err(io)?,
             db,
             path,
         })
@@ -147,6 +170,36 @@ impl Ledger {
 
     pub async fn record_rejected(&self, key: &ObjectKey, record: &Rejected) -> Result<(), Error> {
         self.put(&self.rejected, key, record).await
+    }
+
+    pub fn upload(&self, key: &ObjectKey) -> Result<Option<Upload>, Error> {
+        self.get(&self.uploads, key)
+    }
+
+    pub async fn record_upload(&self, key: &ObjectKey, record: &Upload) -> Result<(), Error> {
+        self.put(&self.uploads, key, record).await
+    }
+
+    pub async fn forget_upload(&self, key: &ObjectKey) -> Result<(), Error> {
+        self.uploads.remove(key.as_str()).map_err(|s| self.io(s))?;
+        self.flush().await
+    }
+
+    /// Every multipart upload in progress, for the start-up sweep.
+    pub fn uploads(&self) -> Result<Vec<(ObjectKey, Upload)>, Error> {
+        self.uploads
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|s| self.io(s))?;
+                let key = ObjectKey::from_listing(String::from_utf8_lossy(&k).into_owned());
+                let record = serde_json::from_slice(&v).map_err(|source| Error::Corrupt {
+                    path: self.path.clone(),
+                    key: key.to_string(),
+                    source,
+                })?;
+                Ok((key, record))
+            })
+            .collect()
     }
 
     /// Number of (sent, received) records, for the start-up log line.

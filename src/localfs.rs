@@ -125,17 +125,24 @@ impl InboxRoot {
     }
 
     /// Opens the folder a delivery at `rel` goes into, creating missing folders and
-    /// refusing to pass through a symlink or a file.
+    /// refusing to pass through a symlink or a file: that fails with
+    /// `ErrorKind::NotADirectory`, which means the key can never land.
     pub fn open_parent(&self, rel: &RelPath) -> io::Result<OwnedFd> {
         let segments = rel.segments();
         let mut dir = rustix::fs::openat(&self.root, ".", dir_flags(), Mode::empty())?;
         for segment in &segments[..segments.len().saturating_sub(1)] {
-            dir = open_or_create_dir(&dir, segment).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("folder {segment:?} on the way to {rel} is not a plain folder (a file or a symlink is in the way): {e}"),
-                )
-            })?;
+            dir = match open_or_create_dir(&dir, segment) {
+                Ok(fd) => fd,
+                Err(e) if matches!(e, rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotADirectory,
+                        format!(
+                            "{segment:?} on the way to {rel} is a file or a symlink, not a folder"
+                        ),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            };
         }
         Ok(dir)
     }
@@ -210,17 +217,12 @@ fn dir_flags() -> OFlags {
     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
 }
 
-fn open_or_create_dir(parent: &impl AsFd, name: &str) -> io::Result<OwnedFd> {
+fn open_or_create_dir(parent: &impl AsFd, name: &str) -> rustix::io::Result<OwnedFd> {
     match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o755)) {
         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     }
-    Ok(rustix::fs::openat(
-        parent,
-        name,
-        dir_flags(),
-        Mode::empty(),
-    )?)
+    rustix::fs::openat(parent, name, dir_flags(), Mode::empty())
 }
 
 /// Moves a sent file to `dest`, creating its folders; never overwrites: a name already
@@ -302,7 +304,10 @@ mod tests {
         std::fs::create_dir_all(&elsewhere).expect("mkdir");
         std::os::unix::fs::symlink(&elsewhere, inbox.join("link")).expect("symlink");
         let root = InboxRoot::open(&inbox).expect("open");
-        assert!(root.open_parent(&rel("link/file")).is_err());
+        let err = root
+            .open_parent(&rel("link/file"))
+            .expect_err("must refuse the link");
+        assert_eq!(err.kind(), io::ErrorKind::NotADirectory);
         assert_eq!(std::fs::read_dir(&elsewhere).expect("ls").count(), 0);
     }
 

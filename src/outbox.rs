@@ -10,26 +10,24 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use futures_util::{StreamExt, TryStreamExt};
-use md5::{Digest, Md5};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, AfterUpload};
-use crate::keys::{ETag, ObjectKey};
-use crate::ledger::{self, Ledger, Sent};
-use crate::localfs;
-use crate::logging::{Direction, Transfer};
-use crate::plan::{self, Candidate, FileStamp, UploadShape};
-use crate::store::{self, Class, Store};
+use crate::keys::ObjectKey;
+use crate::ledger::Ledger;
+use crate::plan::{self, Candidate, FileStamp};
+use crate::store::Store;
+use crate::upload::Outcome;
 use crate::watcher;
 
-/// Parts of one multipart upload in flight at once.
-const PARTS_IN_FLIGHT: usize = 4;
+/// Files waiting to settle, at most; beyond this the rest wait for the next rescan,
+/// so memory is bounded by this queue, not by how many files arrive at once.
+const MAX_PENDING: usize = 4096;
 /// Longest wait before retrying a file after a transient failure.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
@@ -50,22 +48,6 @@ pub struct Outbox {
 pub struct Totals {
     pub sent: u64,
     pub failed: u64,
-}
-
-/// How one file's attempt ended.
-enum Outcome {
-    /// Uploaded, recorded, and `after_upload` applied.
-    Done,
-    /// Uploaded and recorded, but `after_upload` failed: retry only that.
-    AfterUploadFailed(String),
-    /// Not sent this time, for a reason that resolves itself (the file changed).
-    Again(String),
-    /// A transient failure: retry after a backoff.
-    Retry(String),
-    /// Cannot be sent as it is: left in place until it changes.
-    Quarantine(String),
-    /// Gone before or during the upload: nothing to do.
-    Vanished,
 }
 
 /// Per-file bookkeeping that is not "waiting to settle".
@@ -89,6 +71,8 @@ struct State {
     unmoved: HashMap<PathBuf, (ObjectKey, FileStamp)>,
     /// Paths already logged as skipped (symlinks, special files), to log once.
     skipped: HashSet<PathBuf>,
+    /// Files were left out because `pending` was full: rescan once it drains.
+    backlog: bool,
     /// False for `sync`: a failure is counted and the file left for the next run.
     retry: bool,
     permits: Arc<Semaphore>,
@@ -99,6 +83,7 @@ struct State {
 impl Outbox {
     /// Runs until `shutdown`; then lets in-flight uploads finish within the grace period.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Totals {
+        self.sweep_stale_uploads().await;
         let mut state = State::new(Arc::clone(&self));
         let (_watcher, mut hints, rescan_flag) = match watcher::watch(&self.config.dir) {
             Ok((w, h, r)) => (Some(w), Some(h), Some(r)),
@@ -115,7 +100,14 @@ impl Outbox {
             let wake = state.next_wake();
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                Some(path) = next_hint(&mut hints) => state.consider(&path, Instant::now()),
+                Some(path) = next_hint(&mut hints) => {
+                    // Take the whole burst before the next dispatch pass.
+                    let now = Instant::now();
+                    state.consider(&path, now);
+                    while let Some(path) = hints.as_mut().and_then(|h| h.try_recv().ok()) {
+                        state.consider(&path, now);
+                    }
+                }
                 () = rescan_needed(rescan_flag.as_deref()) => state.scan_all(),
                 _ = rescan.tick() => state.scan_all(),
                 () = tokio::time::sleep_until(wake.into()) => {}
@@ -173,6 +165,7 @@ impl State {
             unmoved: HashMap::new(),
             skipped: HashSet::new(),
             retry: true,
+            backlog: false,
             tasks: JoinSet::new(),
             totals: Totals::default(),
         }
@@ -241,25 +234,10 @@ impl State {
         if self.ignored(path) {
             return;
         }
-        let meta = match std::fs::symlink_metadata(path) {
-            Ok(m) => m,
-            Err(_) => {
-                self.pending.remove(path);
-                return;
-            }
-        };
-        if !meta.is_file() {
-            if self.skipped.insert(path.to_owned()) {
-                let what = if meta.file_type().is_symlink() {
-                    "a symlink"
-                } else {
-                    "not a regular file"
-                };
-                tracing::warn!(path = %path.display(), "skipped: {what}; only regular files are sent (replace the link with the file itself)");
-            }
+        let Some(stamp) = self.outbox.stamp_of(path) else {
+            self.skip_once(path);
             return;
-        }
-        let stamp = localfs::stamp_of(&meta);
+        };
         if self.in_flight.contains(path) {
             self.dirty.insert(path.to_owned());
             return;
@@ -267,10 +245,33 @@ impl State {
         if self.quarantined.get(path) == Some(&stamp) || self.already_kept(path, stamp) {
             return;
         }
+        if self.pending.len() >= MAX_PENDING && !self.pending.contains_key(path) {
+            self.backlog = true;
+            return;
+        }
         self.pending
             .entry(path.to_owned())
             .and_modify(|c| c.touched(now))
             .or_insert_with(|| Candidate::new(stamp, now));
+    }
+
+    /// Forgets a path that is gone, and logs once why a path that is there is not sent.
+    fn skip_once(&mut self, path: &Path) {
+        self.pending.remove(path);
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        if !self.skipped.insert(path.to_owned()) {
+            return;
+        }
+        let why = if !meta.file_type().is_symlink() {
+            "not a regular file"
+        } else if self.outbox.config.follow_symlinks {
+            "a symlink to a folder or to nothing (only links to files are followed)"
+        } else {
+            "a symlink (set outbox.follow_symlinks = true to send what links point to)"
+        };
+        tracing::warn!(path = %path.display(), "skipped: {why}");
     }
 
     /// With `after_upload = "keep"` the file stays: the ledger's stamp says it was sent.
@@ -294,6 +295,10 @@ impl State {
 
     /// Starts uploads for every settled file, as far as permits allow.
     fn dispatch(&mut self) {
+        if self.backlog && self.pending.len() < MAX_PENDING / 2 {
+            self.backlog = false;
+            self.scan_all();
+        }
         let now = Instant::now();
         let settle = self.outbox.config.settle;
         let mut ready = Vec::new();
@@ -305,13 +310,13 @@ impl State {
             if candidate.due(settle) > now {
                 continue;
             }
-            match std::fs::symlink_metadata(path) {
-                Ok(meta) if meta.is_file() => {
-                    if candidate.observe(localfs::stamp_of(&meta), now, settle) {
+            match self.outbox.stamp_of(path) {
+                Some(stamp) => {
+                    if candidate.observe(stamp, now, settle) {
                         ready.push((path.clone(), candidate.stamp));
                     }
                 }
-                _ => gone.push(path.clone()),
+                None => gone.push(path.clone()),
             }
         }
         for path in gone {
@@ -459,237 +464,6 @@ fn backoff_delay(attempts: u32) -> Duration {
         .max(Duration::from_millis(100))
 }
 
-impl Outbox {
-    /// Uploads one settled file and applies `after_upload`.
-    async fn send(&self, path: &Path, stamp: FileStamp) -> Outcome {
-        let rel = path.strip_prefix(&self.config.dir).unwrap_or(path);
-        let key = match ObjectKey::for_upload(&self.config.prefix, rel) {
-            Ok(key) => key,
-            Err(e) => {
-                return Outcome::Quarantine(format!(
-                    "its name cannot be an S3 key: {e}; rename the file"
-                ));
-            }
-        };
-        let transfer = Transfer::start(Direction::Upload, &key, path);
-        match current_stamp(path) {
-            None => return Outcome::Vanished,
-            Some(now) if now != stamp => {
-                return Outcome::Again("it changed before the upload".into());
-            }
-            Some(_) => {}
-        }
-        let single_only =
-            self.parts_denied.load(Ordering::Relaxed) && stamp.size <= config::MAX_SINGLE_PUT;
-        let shape = match plan::upload_shape(
-            stamp.size,
-            self.transfer.multipart_threshold,
-            self.transfer.part_size,
-        ) {
-            UploadShape::Multipart { .. } if single_only => UploadShape::Single,
-            shape => shape,
-        };
-        let result = match shape {
-            UploadShape::Single => self.put_single(&key, path, stamp.size).await,
-            UploadShape::Multipart { part_size, parts } => {
-                match self
-                    .put_multipart(&key, path, stamp, part_size, parts)
-                    .await
-                {
-                    Err(UploadError::S3(err))
-                        if is_parts_denied(&err) && stamp.size <= config::MAX_SINGLE_PUT =>
-                    {
-                        self.parts_denied.store(true, Ordering::Relaxed);
-                        tracing::warn!(key = %key, error = %err, "the bucket accepts multipart uploads but denies their parts; sending files up to 5GiB as single PUTs from now on");
-                        self.put_single(&key, path, stamp.size).await
-                    }
-                    other => other,
-                }
-            }
-        };
-        let (etag, checksum) = match result {
-            Ok(done) => done,
-            Err(UploadError::Changed) => {
-                return Outcome::Again("it changed during the upload".into());
-            }
-            Err(UploadError::Local(err)) if err.kind() == std::io::ErrorKind::NotFound => {
-                transfer.failed("vanished", &err);
-                return Outcome::Vanished;
-            }
-            Err(UploadError::Local(err)) => {
-                transfer.failed("failed", &err);
-                return match err.kind() {
-                    std::io::ErrorKind::PermissionDenied => Outcome::Quarantine(format!(
-                        "cannot read it: {err}; make it readable by the daemon's user"
-                    )),
-                    _ => Outcome::Retry(err.to_string()),
-                };
-            }
-            Err(UploadError::S3(err)) => {
-                transfer.failed("failed", &err);
-                return match err.class {
-                    Class::Permanent => Outcome::Quarantine(err.to_string()),
-                    _ => Outcome::Retry(err.to_string()),
-                };
-            }
-        };
-        // The upload counts only if the file is still what was read.
-        if current_stamp(path) != Some(stamp) {
-            transfer.failed("changed", &"the file changed during the upload");
-            return Outcome::Again("it changed during the upload".into());
-        }
-        let record = Sent {
-            path: rel.to_string_lossy().into_owned(),
-            stamp,
-            checksum,
-            etag: etag.clone(),
-            sent_at_ms: ledger::now_ms(),
-        };
-        if let Err(err) = self.ledger.record_sent(&key, &record).await {
-            transfer.failed("failed", &err);
-            return Outcome::Retry(err.to_string());
-        }
-        transfer.done(stamp.size, etag.as_ref());
-        self.after_upload(path, &key).await
-    }
-
-    async fn put_single(
-        &self,
-        key: &ObjectKey,
-        path: &Path,
-        size: u64,
-    ) -> Result<(Option<ETag>, String), UploadError> {
-        let md5 = hash_range(path, 0, size).await?;
-        let etag = self.store.put_object(key, path, size, &md5).await?;
-        Ok((etag, hex(&md5)))
-    }
-
-    async fn put_multipart(
-        &self,
-        key: &ObjectKey,
-        path: &Path,
-        stamp: FileStamp,
-        part_size: u64,
-        parts: u64,
-    ) -> Result<(Option<ETag>, String), UploadError> {
-        let upload_id = self.store.create_multipart(key).await?;
-        let result = async {
-            let sent: Vec<(store::Part, [u8; 16])> = futures_util::stream::iter(0..parts)
-                .map(|i| {
-                    let upload_id = upload_id.as_str();
-                    async move {
-                        let offset = i * part_size;
-                        let len = part_size.min(stamp.size - offset);
-                        let md5 = hash_range(path, offset, len).await?;
-                        let number = i32::try_from(i + 1).unwrap_or(i32::MAX);
-                        let part = self
-                            .store
-                            .upload_part(key, upload_id, number, path, offset, len, &md5)
-                            .await?;
-                        Ok::<_, UploadError>((part, md5))
-                    }
-                })
-                .buffered(PARTS_IN_FLIGHT)
-                .try_collect()
-                .await?;
-            if current_stamp(path) != Some(stamp) {
-                return Err(UploadError::Changed);
-            }
-            let parts: Vec<store::Part> = sent.iter().map(|(p, _)| p.clone()).collect();
-            let etag = self
-                .store
-                .complete_multipart(key, &upload_id, &parts)
-                .await?;
-            let mut all = Md5::new();
-            for (_, md5) in &sent {
-                all.update(md5);
-            }
-            let checksum = format!("{}-{}", hex(&all.finalize().into()), sent.len());
-            Ok((etag, checksum))
-        }
-        .await;
-        if result.is_err()
-            && let Err(err) = self.store.abort_multipart(key, &upload_id).await
-        {
-            tracing::warn!(key = %key, error = %err, "could not abort the failed multipart upload; its parts stay until the bucket's lifecycle rule removes them");
-        }
-        result
-    }
-
-    /// Applies `after_upload` to a file whose upload is recorded.
-    async fn after_upload(&self, path: &Path, key: &ObjectKey) -> Outcome {
-        let result = match self.config.after_upload {
-            AfterUpload::Keep => return Outcome::Done,
-            AfterUpload::Delete => tokio::fs::remove_file(path).await.map(|()| None),
-            AfterUpload::Move => {
-                let rel = path.strip_prefix(&self.config.dir).unwrap_or(path);
-                let dest = self.config.sent_dir.join(rel);
-                let src = path.to_owned();
-                let tag = timestamp_tag();
-                tokio::task::spawn_blocking(move || localfs::move_aside(&src, &dest, &tag))
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                    .map(Some)
-            }
-        };
-        match result {
-            Ok(dest) => {
-                if let Some(dest) = dest {
-                    tracing::debug!(key = %key, path = %path.display(), moved_to = %dest.display(), "moved to the sent folder");
-                }
-                Outcome::Done
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Outcome::Done,
-            Err(err) => Outcome::AfterUploadFailed(format!(
-                "uploaded as {key}, but after_upload failed: {err}; check that outbox.sent_dir ({}) is writable and has space",
-                self.config.sent_dir.display()
-            )),
-        }
-    }
-}
-
-enum UploadError {
-    Changed,
-    Local(std::io::Error),
-    S3(store::Error),
-}
-
-impl From<store::Error> for UploadError {
-    fn from(e: store::Error) -> Self {
-        Self::S3(e)
-    }
-}
-
-async fn hash_range(path: &Path, offset: u64, len: u64) -> Result<[u8; 16], UploadError> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || localfs::md5_range(&path, offset, len))
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-        .map_err(UploadError::Local)
-}
-
-/// AccessDenied on a part after the upload was created: the ACL-condition policy trap.
-fn is_parts_denied(err: &store::Error) -> bool {
-    err.op == "UploadPart" && err.code.as_deref() == Some("AccessDenied")
-}
-
-fn current_stamp(path: &Path) -> Option<FileStamp> {
-    std::fs::symlink_metadata(path)
-        .ok()
-        .filter(std::fs::Metadata::is_file)
-        .map(|m| localfs::stamp_of(&m))
-}
-
-fn hex(bytes: &[u8; 16]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `2026-11-28T10-15-00Z`: a name-safe UTC time for copies that must not overwrite.
-pub fn timestamp_tag() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-        .to_string()
-        .replace(':', "-")
-}
 
 #[cfg(test)]
 mod tests {
@@ -702,14 +476,5 @@ mod tests {
         assert!(backoff_delay(4) >= Duration::from_secs(6));
         assert!(backoff_delay(60) <= MAX_BACKOFF);
         assert!(backoff_delay(60) >= MAX_BACKOFF.mul_f64(0.7));
-    }
-
-    #[test]
-    fn timestamp_tags_are_name_safe() {
-        let tag = timestamp_tag();
-        assert!(
-            tag.ends_with('Z') && !tag.contains(':') && !tag.contains('/'),
-            "{tag}"
-        );
     }
 }

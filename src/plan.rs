@@ -178,6 +178,18 @@ pub fn beside_name(name: &str, tag: &str, n: u32) -> String {
     }
 }
 
+/// Lower-case hex of an MD5.
+pub fn hex(bytes: &[u8; 16]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `2026-11-28T10-15-00Z`: a name-safe UTC time for copies that must not overwrite.
+pub fn time_tag(at: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at)
+        .to_string()
+        .replace(':', "-")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +328,12 @@ mod tests {
             landing(Existing::Other, Some(&record), "r.out"),
             Landing::Beside
         );
+    }
+
+    #[test]
+    fn time_tags_are_name_safe() {
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        assert_eq!(time_tag(at), "2026-11-18T11-06-40Z");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ObjectCannedAcl};
+use aws_sdk_s3::types::{ChecksumMode, CompletedMultipartUpload, CompletedPart, ObjectCannedAcl};
 
 use crate::config::{self, Acl, Checksums};
 use crate::keys::{ChangeToken, ETag, ObjectKey, Prefix};
@@ -355,6 +355,8 @@ impl Store {
             .bucket(&self.bucket)
             .key(key.as_str())
             .set_if_match(if_match.map(|e| e.as_str().to_owned()))
+            // Where the object carries a checksum the SDK verifies the body against it.
+            .checksum_mode(ChecksumMode::Enabled)
             .set_expected_bucket_owner(self.expected_owner.clone())
             .send()
             .await

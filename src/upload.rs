@@ -1,0 +1,382 @@
+//! One outbox file's upload, from a settled file to an [`Outcome`]: the key, a single
+//! PUT or a resumable multipart upload, the ledger record, then `after_upload`.
+//!
+//! The worker in [`crate::outbox`] decides *when* a file goes; this module decides
+//! *how*. An upload counts only if the file is unchanged from the first byte read to
+//! S3's confirmation; only then is it recorded, and only after the record is durable is
+//! the file moved, deleted or kept.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use futures_util::StreamExt;
+use md5::{Digest, Md5};
+
+use crate::config::{self, AfterUpload};
+use crate::keys::{ETag, ObjectKey};
+use crate::ledger::{self, Sent, Upload, UploadedPart};
+use crate::localfs;
+use crate::logging::{Direction, Transfer};
+use crate::outbox::Outbox;
+use crate::plan::{self, FileStamp, UploadShape};
+use crate::store::{self, Class};
+
+/// Parts of one multipart upload in flight at once.
+const PARTS_IN_FLIGHT: usize = 4;
+
+/// How one file's attempt ended.
+pub(crate) enum Outcome {
+    /// Uploaded, recorded, and `after_upload` applied.
+    Done,
+    /// Uploaded and recorded, but `after_upload` failed: retry only that.
+    AfterUploadFailed(String),
+    /// Not sent this time, for a reason that resolves itself (the file changed).
+    Again(String),
+    /// A transient failure: retry after a backoff.
+    Retry(String),
+    /// Cannot be sent as it is: left in place until it changes.
+    Quarantine(String),
+    /// Gone before or during the upload: nothing to do.
+    Vanished,
+}
+
+enum UploadError {
+    Changed,
+    Local(std::io::Error),
+    S3(store::Error),
+}
+
+impl From<store::Error> for UploadError {
+    fn from(e: store::Error) -> Self {
+        Self::S3(e)
+    }
+}
+
+impl Outbox {
+    /// The stamp of the file at `path` as the upload sees it: links are followed only
+    /// with `follow_symlinks`, and only to regular files.
+    pub(crate) fn stamp_of(&self, path: &Path) -> Option<FileStamp> {
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        let meta = if meta.file_type().is_symlink() && self.config.follow_symlinks {
+            std::fs::metadata(path).ok()?
+        } else {
+            meta
+        };
+        meta.is_file().then(|| localfs::stamp_of(&meta))
+    }
+
+    /// Uploads one settled file and applies `after_upload`.
+    pub(crate) async fn send(&self, path: &Path, stamp: FileStamp) -> Outcome {
+        let rel = path.strip_prefix(&self.config.dir).unwrap_or(path);
+        let key = match ObjectKey::for_upload(&self.config.prefix, rel) {
+            Ok(key) => key,
+            Err(e) => {
+                return Outcome::Quarantine(format!(
+                    "its name cannot be an S3 key: {e}; rename the file"
+                ));
+            }
+        };
+        let transfer = Transfer::start(Direction::Upload, &key, path);
+        match self.stamp_of(path) {
+            None => return Outcome::Vanished,
+            Some(now) if now != stamp => {
+                return Outcome::Again("it changed before the upload".into());
+            }
+            Some(_) => {}
+        }
+        let (etag, checksum) = match self.upload(&key, path, rel, stamp).await {
+            Ok(done) => done,
+            Err(UploadError::Changed) => {
+                transfer.failed("changed", &"the file changed during the upload");
+                return Outcome::Again("it changed during the upload".into());
+            }
+            Err(UploadError::Local(err)) if err.kind() == std::io::ErrorKind::NotFound => {
+                transfer.failed("vanished", &err);
+                return Outcome::Vanished;
+            }
+            Err(UploadError::Local(err)) => {
+                transfer.failed("failed", &err);
+                return match err.kind() {
+                    std::io::ErrorKind::PermissionDenied => Outcome::Quarantine(format!(
+                        "cannot read it: {err}; make it readable by the daemon's user"
+                    )),
+                    _ => Outcome::Retry(err.to_string()),
+                };
+            }
+            Err(UploadError::S3(err)) => {
+                transfer.failed("failed", &err);
+                return match err.class {
+                    Class::Permanent => Outcome::Quarantine(err.to_string()),
+                    _ => Outcome::Retry(err.to_string()),
+                };
+            }
+        };
+        // The upload counts only if the file is still what was read.
+        if self.stamp_of(path) != Some(stamp) {
+            transfer.failed("changed", &"the file changed during the upload");
+            return Outcome::Again("it changed during the upload".into());
+        }
+        let record = Sent {
+            path: rel.to_string_lossy().into_owned(),
+            stamp,
+            checksum,
+            etag: etag.clone(),
+            sent_at_ms: ledger::now_ms(),
+        };
+        if let Err(err) = self.ledger.record_sent(&key, &record).await {
+            transfer.failed("failed", &err);
+            return Outcome::Retry(err.to_string());
+        }
+        transfer.done(stamp.size, etag.as_ref());
+        self.after_upload(path, &key).await
+    }
+
+    /// Single PUT or multipart, by size; falls back to a single PUT when the bucket
+    /// denies parts.
+    async fn upload(
+        &self,
+        key: &ObjectKey,
+        path: &Path,
+        rel: &Path,
+        stamp: FileStamp,
+    ) -> Result<(Option<ETag>, String), UploadError> {
+        let single_only =
+            self.parts_denied.load(Ordering::Relaxed) && stamp.size <= config::MAX_SINGLE_PUT;
+        let shape = plan::upload_shape(
+            stamp.size,
+            self.transfer.multipart_threshold,
+            self.transfer.part_size,
+        );
+        let part_size = match shape {
+            UploadShape::Multipart { part_size, .. } if !single_only => part_size,
+            _ => return self.put_single(key, path, stamp.size).await,
+        };
+        match self.put_multipart(key, path, rel, stamp, part_size).await {
+            Err(UploadError::S3(err))
+                if is_parts_denied(&err) && stamp.size <= config::MAX_SINGLE_PUT =>
+            {
+                self.parts_denied.store(true, Ordering::Relaxed);
+                tracing::warn!(key = %key, error = %err, "the bucket accepts multipart uploads but denies their parts; sending files up to 5GiB as single PUTs from now on");
+                self.put_single(key, path, stamp.size).await
+            }
+            other => other,
+        }
+    }
+
+    async fn put_single(
+        &self,
+        key: &ObjectKey,
+        path: &Path,
+        size: u64,
+    ) -> Result<(Option<ETag>, String), UploadError> {
+        let md5 = hash_range(path, 0, size).await?;
+        let etag = self.store.put_object(key, path, size, &md5).await?;
+        Ok((etag, plan::hex(&md5)))
+    }
+
+    /// A multipart upload that survives restarts: the UploadId and every accepted part
+    /// are recorded, so the next attempt sends only the missing parts. Aborted (and
+    /// forgotten) when it cannot complete: the file changed, or S3 refused for good.
+    async fn put_multipart(
+        &self,
+        key: &ObjectKey,
+        path: &Path,
+        rel: &Path,
+        stamp: FileStamp,
+        part_size: u64,
+    ) -> Result<(Option<ETag>, String), UploadError> {
+        let mut upload = match self.resumable(key, stamp, part_size).await {
+            Some(upload) => {
+                tracing::info!(key = %key, parts_done = upload.parts.len(), "resuming the multipart upload");
+                upload
+            }
+            None => Upload {
+                upload_id: self.store.create_multipart(key).await?,
+                path: rel.to_string_lossy().into_owned(),
+                stamp,
+                part_size,
+                parts: Vec::new(),
+            },
+        };
+        self.remember(key, &upload).await?;
+        let result = self.send_parts(key, path, stamp, &mut upload).await;
+        let keep_for_resume = matches!(&result, Err(UploadError::S3(e)) if e.class == Class::Transient)
+            || matches!(&result, Err(UploadError::Local(e)) if e.kind() != std::io::ErrorKind::NotFound);
+        if result.is_ok() {
+            self.forget(key).await;
+        } else if !keep_for_resume {
+            self.abort(key, &upload.upload_id).await;
+        }
+        result
+    }
+
+    async fn send_parts(
+        &self,
+        key: &ObjectKey,
+        path: &Path,
+        stamp: FileStamp,
+        upload: &mut Upload,
+    ) -> Result<(Option<ETag>, String), UploadError> {
+        let part_size = upload.part_size;
+        let count = stamp.size.div_ceil(part_size);
+        let done: std::collections::HashSet<i32> = upload.parts.iter().map(|p| p.number).collect();
+        let upload_id = upload.upload_id.clone();
+        let mut parts = futures_util::stream::iter(1..=count)
+            .filter_map(|n| {
+                let number = i32::try_from(n).unwrap_or(i32::MAX);
+                std::future::ready((!done.contains(&number)).then_some((n, number)))
+            })
+            .map(|(n, number)| {
+                let upload_id = upload_id.as_str();
+                async move {
+                    let offset = (n - 1) * part_size;
+                    let len = part_size.min(stamp.size - offset);
+                    let md5 = hash_range(path, offset, len).await?;
+                    let part = self
+                        .store
+                        .upload_part(key, upload_id, number, path, offset, len, &md5)
+                        .await?;
+                    Ok::<_, UploadError>(UploadedPart {
+                        number,
+                        etag: part.etag,
+                        md5: plan::hex(&md5),
+                    })
+                }
+            })
+            .buffer_unordered(PARTS_IN_FLIGHT);
+        while let Some(part) = parts.next().await {
+            upload.parts.push(part?);
+            self.remember(key, upload).await?;
+        }
+        drop(parts);
+        if self.stamp_of(path) != Some(stamp) {
+            return Err(UploadError::Changed);
+        }
+        upload.parts.sort_by_key(|p| p.number);
+        let completed: Vec<store::Part> = upload
+            .parts
+            .iter()
+            .map(|p| store::Part {
+                number: p.number,
+                etag: p.etag.clone(),
+            })
+            .collect();
+        let etag = self
+            .store
+            .complete_multipart(key, &upload.upload_id, &completed)
+            .await?;
+        let checksum = composite_checksum(&upload.parts);
+        Ok((etag, checksum))
+    }
+
+    /// The recorded upload for `key` if it can continue: same file, same part size.
+    /// One that cannot is aborted.
+    async fn resumable(&self, key: &ObjectKey, stamp: FileStamp, part_size: u64) -> Option<Upload> {
+        let upload = self.ledger.upload(key).ok().flatten()?;
+        if upload.stamp == stamp && upload.part_size == part_size {
+            return Some(upload);
+        }
+        tracing::info!(key = %key, "the file changed since its multipart upload started: aborting that upload");
+        self.abort(key, &upload.upload_id).await;
+        None
+    }
+
+    async fn remember(&self, key: &ObjectKey, upload: &Upload) -> Result<(), UploadError> {
+        self.ledger
+            .record_upload(key, upload)
+            .await
+            .map_err(|e| UploadError::Local(std::io::Error::other(e.to_string())))
+    }
+
+    async fn forget(&self, key: &ObjectKey) {
+        if let Err(err) = self.ledger.forget_upload(key).await {
+            tracing::warn!(key = %key, error = %err, "cannot forget the finished multipart upload");
+        }
+    }
+
+    /// Aborts and forgets a multipart upload that will not complete.
+    pub(crate) async fn abort(&self, key: &ObjectKey, upload_id: &str) {
+        match self.store.abort_multipart(key, upload_id).await {
+            Ok(()) => {}
+            Err(err) if err.class == Class::Gone || err.code.as_deref() == Some("NoSuchUpload") => {}
+            Err(err) => {
+                tracing::warn!(key = %key, error = %err, "could not abort a multipart upload; its parts stay until the bucket's lifecycle rule removes them");
+            }
+        }
+        self.forget(key).await;
+    }
+
+    /// Start-up sweep: multipart uploads recorded for files that are gone or changed
+    /// can never complete; abort them so their parts do not linger.
+    pub(crate) async fn sweep_stale_uploads(&self) {
+        let uploads = match self.ledger.uploads() {
+            Ok(u) => u,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the multipart uploads in progress");
+                return;
+            }
+        };
+        for (key, upload) in uploads {
+            if self.stamp_of(&self.config.dir.join(&upload.path)) != Some(upload.stamp) {
+                tracing::info!(key = %key, "aborting the multipart upload of a file that changed or vanished");
+                self.abort(&key, &upload.upload_id).await;
+            }
+        }
+    }
+
+    /// Applies `after_upload` to a file whose upload is recorded.
+    pub(crate) async fn after_upload(&self, path: &Path, key: &ObjectKey) -> Outcome {
+        let result = match self.config.after_upload {
+            AfterUpload::Keep => return Outcome::Done,
+            AfterUpload::Delete => tokio::fs::remove_file(path).await.map(|()| None),
+            AfterUpload::Move => {
+                let rel = path.strip_prefix(&self.config.dir).unwrap_or(path);
+                let dest = self.config.sent_dir.join(rel);
+                let src = path.to_owned();
+                let tag = plan::time_tag(std::time::SystemTime::now());
+                tokio::task::spawn_blocking(move || localfs::move_aside(&src, &dest, &tag))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                    .map(Some)
+            }
+        };
+        match result {
+            Ok(dest) => {
+                if let Some(dest) = dest {
+                    tracing::debug!(key = %key, path = %path.display(), moved_to = %dest.display(), "moved to the sent folder");
+                }
+                Outcome::Done
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Outcome::Done,
+            Err(err) => Outcome::AfterUploadFailed(format!(
+                "uploaded as {key}, but after_upload failed: {err}; check that outbox.sent_dir ({}) is writable and has space",
+                self.config.sent_dir.display()
+            )),
+        }
+    }
+}
+
+async fn hash_range(path: &Path, offset: u64, len: u64) -> Result<[u8; 16], UploadError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || localfs::md5_range(&path, offset, len))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(UploadError::Local)
+}
+
+/// MD5 of the parts' MD5s, `-N`: what S3 computes as a multipart ETag.
+fn composite_checksum(parts: &[UploadedPart]) -> String {
+    let mut all = Md5::new();
+    for part in parts {
+        let bytes = (0..part.md5.len())
+            .step_by(2)
+            .filter_map(|i| u8::from_str_radix(part.md5.get(i..i + 2)?, 16).ok());
+        all.update(bytes.collect::<Vec<u8>>());
+    }
+    format!("{}-{}", plan::hex(&all.finalize().into()), parts.len())
+}
+
+/// AccessDenied on a part after the upload was created: the ACL-condition policy trap.
+fn is_parts_denied(err: &store::Error) -> bool {
+    err.op == "UploadPart" && err.code.as_deref() == Some("AccessDenied")
+}
