@@ -133,7 +133,7 @@ impl InboxRoot {
         for segment in &segments[..segments.len().saturating_sub(1)] {
             dir = match open_or_create_dir(&dir, segment) {
                 Ok(fd) => fd,
-                Err(e) if matches!(e, rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
+                Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
                     return Err(io::Error::new(
                         io::ErrorKind::NotADirectory,
                         format!(

@@ -36,6 +36,14 @@ fn is_upload_part_of(r: &common::Recorded, key: &str) -> bool {
         && r.has_query_param("partNumber")
 }
 
+/// The length of the object a PUT sends: `x-amz-decoded-content-length` for aws-chunked
+/// bodies, otherwise `content-length`.
+fn body_length(r: &common::Recorded) -> Option<u64> {
+    r.header("x-amz-decoded-content-length")
+        .or_else(|| r.header("content-length"))
+        .and_then(|v| v.parse().ok())
+}
+
 /// Whether `stderr` names line `line` of `path`: `line N` (as toml reports it) or `path:N`,
 /// with no further digit after N.
 fn names_line(stderr: &str, path: &str, line: usize) -> bool {
@@ -128,6 +136,26 @@ fn outbox_files_arrive_whole_with_the_acl_and_leave_the_outbox() {
 
     // The ACL is on every request that creates an object, and both kinds were exercised.
     let requests = ex.proxy.requests();
+    if slow_write.max_gap < SETTLE {
+        // Arriving whole in the end is not enough: an upload of the half-written file would
+        // already have shown the owner a truncated file.
+        let slow_key = ex.submission_key("slow.dat");
+        let slow_puts: Vec<_> = requests
+            .iter()
+            .filter(|r| {
+                is_put_object(r) && r.key_in(common::BUCKET).as_deref() == Some(slow_key.as_str())
+            })
+            .collect();
+        assert!(!slow_puts.is_empty(), "no PutObject of {slow_key}");
+        for r in slow_puts {
+            assert_eq!(
+                body_length(r),
+                Some(slow.len() as u64),
+                "slow.dat was uploaded before it was complete: {}\n{context}",
+                r.summary()
+            );
+        }
+    }
     let creating: Vec<_> = requests
         .iter()
         .filter(|r| is_put_object(r) || is_create_multipart(r))
@@ -146,7 +174,8 @@ fn outbox_files_arrive_whole_with_the_acl_and_leave_the_outbox() {
         assert_eq!(
             r.header("x-amz-acl"),
             Some("bucket-owner-full-control"),
-            "ACL missing or wrong on {r:?}"
+            "x-amz-acl on {}",
+            r.summary()
         );
     }
     // big.bin went up in parts (5 MiB threshold and part size): at least its 3 parts.
@@ -209,7 +238,9 @@ fn acl_none_sends_no_acl_header_at_all() {
     for r in &requests {
         assert!(
             r.header("x-amz-acl").is_none(),
-            "x-amz-acl sent although acl = \"none\": {r:?}"
+            "x-amz-acl {:?} sent although acl = \"none\": {}",
+            r.header("x-amz-acl"),
+            r.summary()
         );
     }
     ex.assert_no_forbidden_calls();
@@ -573,4 +604,13 @@ fn harness_proxy_forwards_signed_requests_and_records_them() {
         ex.proxy.summary()
     );
     assert_eq!(requests.iter().filter(|r| r.status == Some(404)).count(), 1);
+
+    // The forbidden-call check sees bucket-level calls and reads of submissions.
+    assert_eq!(ex.forbidden_calls(), Vec::<String>::new());
+    assert!(via_proxy.bucket_exists());
+    assert_eq!(via_proxy.get("Submissions/ours"), None);
+    let forbidden = ex.forbidden_calls();
+    assert_eq!(forbidden.len(), 2, "{forbidden:#?}");
+    assert!(forbidden[0].starts_with("bucket-level call: HEAD /exchange"));
+    assert!(forbidden[1].starts_with("read back its own upload: GET /exchange/Submissions/ours"));
 }

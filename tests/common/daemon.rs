@@ -58,11 +58,11 @@ pub struct Daemon {
 
 impl Daemon {
     /// Spawns `s3-exchange --config <config> <subcommand>`; stderr goes to `stderr_path`,
-    /// stdout to the same path with `.stdout` appended.
+    /// stdout beside it with the extension `.stdout`.
     pub fn spawn(home: &Path, config: &Path, subcommand: &str, stderr_path: PathBuf) -> Self {
         let stderr = File::create(&stderr_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
-        let stdout_path = PathBuf::from(format!("{}.stdout", stderr_path.display()));
+        let stdout_path = stderr_path.with_extension("stdout");
         let stdout = File::create(&stdout_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", stdout_path.display()));
         let child = command(home, config, subcommand)
@@ -80,13 +80,13 @@ impl Daemon {
     fn child(&self) -> MutexGuard<'_, Child> {
         self.child
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn exited_slot(&self) -> MutexGuard<'_, Option<ExitStatus>> {
         self.exited
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn pid(&self) -> u32 {

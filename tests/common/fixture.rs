@@ -347,35 +347,45 @@ dir = "{log}"
         }
     }
 
-    /// The daemon's user may not call bucket-level APIs (CreateBucket, HeadBucket,
-    /// GetBucketLocation, ...) nor HEAD/GET its own submissions: in the real deployment it
-    /// has no right to. Only ListObjectsV2 may address the bucket itself.
-    #[track_caller]
-    pub fn assert_no_forbidden_calls(&self) {
+    /// Requests the daemon's user has no right to make in the real deployment, each with the
+    /// reason: bucket-level APIs (CreateBucket, HeadBucket, GetBucketLocation, ...; only
+    /// ListObjectsV2 may address the bucket itself), service-level calls (ListBuckets), and
+    /// HEAD/GET of its own submissions (once the owner owns them, we may not read them).
+    pub fn forbidden_calls(&self) -> Vec<String> {
+        let mut found = Vec::new();
         for r in self.proxy.requests() {
-            if r.is_bucket_level(BUCKET) {
+            let reason = if r.path.is_empty() || r.path == "/" {
+                "service-level call"
+            } else if r.is_bucket_level(BUCKET) {
                 let is_list_v2 =
                     r.method == "GET" && r.query_param("list-type").as_deref() == Some("2");
-                assert!(
-                    is_list_v2,
-                    "the daemon made a bucket-level call: {r:?}\n{}",
-                    self.diagnostics()
-                );
-            }
-            let reads_submission = matches!(r.method.as_str(), "GET" | "HEAD")
+                if is_list_v2 {
+                    continue;
+                }
+                "bucket-level call"
+            } else if matches!(r.method.as_str(), "GET" | "HEAD")
                 && r.key_in(BUCKET)
-                    .is_some_and(|k| k.starts_with(&self.settings.submissions_prefix));
-            assert!(
-                !reads_submission,
-                "the daemon read back its own upload: {r:?}\n{}",
-                self.diagnostics()
-            );
-            assert!(
-                !r.path.is_empty() && r.path != "/",
-                "the daemon made a service-level call (ListBuckets?): {r:?}\n{}",
-                self.diagnostics()
-            );
+                    .is_some_and(|k| k.starts_with(&self.settings.submissions_prefix))
+            {
+                "read back its own upload"
+            } else {
+                continue;
+            };
+            found.push(format!("{reason}: {}", r.summary()));
         }
+        found
+    }
+
+    /// Asserts the daemon made none of the [`Exchange::forbidden_calls`].
+    #[track_caller]
+    pub fn assert_no_forbidden_calls(&self) {
+        let found = self.forbidden_calls();
+        assert!(
+            found.is_empty(),
+            "the daemon made calls it has no right to:\n{}\n{}",
+            found.join("\n"),
+            self.diagnostics()
+        );
     }
 }
 

@@ -10,6 +10,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod daemon;
+pub mod expected_owner;
 mod fixture;
 mod owner;
 mod proxy;

@@ -116,6 +116,18 @@ impl Owner {
         })
     }
 
+    /// Whether the bucket exists (HeadBucket: a bucket-level call the daemon must never make).
+    pub fn bucket_exists(&self) -> bool {
+        match self
+            .runtime
+            .block_on(self.client.head_bucket().bucket(&self.bucket).send())
+        {
+            Ok(_) => true,
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_not_found()) => false,
+            Err(e) => panic!("owner: head bucket {}: {e:?}", self.bucket),
+        }
+    }
+
     /// Deletes `key` (succeeds whether or not it existed).
     pub fn delete(&self, key: &str) {
         self.runtime

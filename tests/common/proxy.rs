@@ -142,7 +142,7 @@ impl Shared {
         // A panicking test thread may poison the lock; the recordings are still valid.
         self.requests
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
