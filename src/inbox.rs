@@ -23,6 +23,9 @@ use crate::logging::{Direction, Transfer};
 use crate::plan::{self, Delivered, Landing};
 use crate::store::{Class, Listed, Store};
 
+/// Immediate re-polls after a version change, at most, before the normal interval.
+const MAX_QUICK_REPOLLS: u32 = 3;
+
 /// What the inbox worker needs.
 pub struct Inbox {
     pub config: config::Inbox,
@@ -53,8 +56,10 @@ impl std::ops::AddAssign for Totals {
 /// How one fetch ended.
 enum Fetched {
     Done,
-    /// The object changed or vanished between the listing and the GET: poll again.
+    /// The object changed between the listing and the GET: poll again.
     Changed,
+    /// The object was deleted between the listing and the GET.
+    Gone,
     Failed,
 }
 
@@ -62,12 +67,18 @@ impl Inbox {
     /// Polls at start-up and then every `poll_interval` (with jitter) until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Totals {
         let mut totals = Totals::default();
+        let mut quick_repolls = 0;
         loop {
             let (poll, again) = Arc::clone(&self).poll(&shutdown).await;
             totals += poll;
-            let wait = if again {
+            // An object that changed under a GET is listed again at once, but only a few
+            // times in a row: a server whose listing and GET ETags disagree must not
+            // make the daemon spin.
+            let wait = if again && quick_repolls < MAX_QUICK_REPOLLS {
+                quick_repolls += 1;
                 Duration::from_millis(100)
             } else {
+                quick_repolls = 0;
                 jittered(self.config.poll_interval)
             };
             tokio::select! {
@@ -98,6 +109,7 @@ impl Inbox {
                 Err(err) => {
                     tracing::warn!(prefix = %self.config.prefix, error = %err, "listing the inbox prefix failed; will try again at the next poll");
                     totals.failed += 1;
+                    crate::status::STATS.list_failed();
                     break;
                 }
             };
@@ -147,6 +159,7 @@ impl Inbox {
             let Some(done) = next else { break };
             tally(done, &mut totals, &mut changed);
         }
+        crate::status::STATS.poll_done();
         tracing::debug!(
             listed,
             received = totals.received,
@@ -204,6 +217,7 @@ impl Inbox {
             return;
         }
         totals.rejected += 1;
+        crate::status::STATS.rejected(key.as_str(), reason);
         tracing::error!(key = %key, reason, "rejected: this key cannot become a file inside the inbox; it is not fetched (ask the owner to rename it)");
         let record = Rejected {
             token,
@@ -226,9 +240,13 @@ impl Inbox {
             .await
         {
             Ok(d) => d,
-            Err(err) if matches!(err.class, Class::Changed | Class::Gone) => {
-                tracing::info!(key = %object.key, error = %err, "the object changed or vanished since the listing; listing again");
+            Err(err) if err.class == Class::Changed => {
+                tracing::info!(key = %object.key, error = %err, "the object changed since the listing; listing again");
                 return Fetched::Changed;
+            }
+            Err(err) if err.class == Class::Gone => {
+                tracing::info!(key = %object.key, "the object was deleted since the listing; nothing to fetch");
+                return Fetched::Gone;
             }
             Err(err) => {
                 transfer.failed("failed", &err);
@@ -415,6 +433,7 @@ fn tally(done: Result<Fetched, tokio::task::JoinError>, totals: &mut Totals, cha
     match done {
         Ok(Fetched::Done) => totals.received += 1,
         Ok(Fetched::Changed) => *changed = true,
+        Ok(Fetched::Gone) => {}
         Ok(Fetched::Failed) => totals.failed += 1,
         Err(err) => {
             if !err.is_cancelled() {
@@ -429,4 +448,3 @@ fn tally(done: Result<Fetched, tokio::task::JoinError>, totals: &mut Totals, cha
 fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + rand::random::<f64>() * 0.2)
 }
-

@@ -20,10 +20,12 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
-use aws_sdk_s3::types::{ChecksumMode, CompletedMultipartUpload, CompletedPart, ObjectCannedAcl};
+use aws_sdk_s3::types::{
+    ChecksumMode, CompletedMultipartUpload, CompletedPart, EncodingType, ObjectCannedAcl,
+};
 
 use crate::config::{self, Acl, Checksums};
-use crate::keys::{ChangeToken, ETag, ObjectKey, Prefix};
+use crate::keys::{self, ChangeToken, ETag, ObjectKey, Prefix};
 
 /// Whether trying again later can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,17 +317,31 @@ impl Store {
             .bucket(&self.bucket)
             .prefix(prefix.as_str())
             .set_continuation_token(start)
+            // Keys may hold characters XML 1.0 cannot carry (control characters): ask
+            // for them percent-encoded, so one hostile key cannot break every listing.
+            .encoding_type(EncodingType::Url)
             .set_expected_bucket_owner(self.expected_owner.clone())
             .send()
             .await
             .map_err(|e| sdk_error("ListObjectsV2", prefix.as_str(), e))?;
-        let objects = out
-            .contents
-            .unwrap_or_default()
+        let contents = out.contents.unwrap_or_default();
+        // Some servers (s3s-fs) echo the encoding type without encoding: decode only
+        // when every key on the page has the shape an encoder produces.
+        let encoded = out.encoding_type == Some(EncodingType::Url)
+            && contents
+                .iter()
+                .all(|o| o.key.as_deref().is_none_or(keys::is_url_encoded_shape));
+        let objects = contents
             .into_iter()
             .filter_map(|o| {
+                let key = o.key?;
+                let key = if encoded {
+                    keys::url_decode(&key)?
+                } else {
+                    key
+                };
                 Some(Listed {
-                    key: ObjectKey::from_listing(o.key?),
+                    key: ObjectKey::from_listing(key),
                     etag: o.e_tag.filter(|e| !e.is_empty()).map(ETag::new),
                     size: o.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
                     last_modified_ms: o
