@@ -107,7 +107,9 @@ impl Inbox {
             {
                 Ok(page) => page,
                 Err(err) => {
-                    tracing::warn!(prefix = %self.config.prefix, error = %err, "listing the inbox prefix failed; will try again at the next poll");
+                    if !err.unreachable {
+                        tracing::warn!(prefix = %self.config.prefix, error = %err, "listing the inbox prefix failed; will try again at the next poll");
+                    }
                     totals.failed += 1;
                     crate::status::STATS.list_failed();
                     break;
@@ -249,7 +251,11 @@ impl Inbox {
                 return Fetched::Gone;
             }
             Err(err) => {
-                transfer.failed("failed", &err);
+                if err.unreachable {
+                    transfer.failed_quietly("failed", &err);
+                } else {
+                    transfer.failed("failed", &err);
+                }
                 return Fetched::Failed;
             }
         };

@@ -97,6 +97,7 @@ impl Outbox {
         rescan.tick().await;
         loop {
             state.dispatch();
+            crate::status::STATS.outbox_queue(state.pending.len(), state.in_flight.len());
             let wake = state.next_wake();
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -175,6 +176,7 @@ impl State {
     fn scan_all(&mut self) {
         let root = self.outbox.config.dir.clone();
         self.walk(&root, Instant::now());
+        crate::status::STATS.rescanned();
     }
 
     /// Walks a folder the watcher reported: notify does not report files that were
@@ -299,6 +301,10 @@ impl State {
             self.backlog = false;
             self.scan_all();
         }
+        // While S3 does not answer, one upload at a time probes it.
+        if self.outbox.store.is_down() && !self.in_flight.is_empty() {
+            return;
+        }
         let now = Instant::now();
         let settle = self.outbox.config.settle;
         let mut ready = Vec::new();
@@ -392,6 +398,7 @@ impl State {
             }
             Outcome::Quarantine(reason) => {
                 self.totals.failed += 1;
+                crate::status::STATS.quarantined(&path, &reason);
                 tracing::error!(path = %path.display(), reason = %reason, "quarantined: left in the outbox and not retried until it changes (or the daemon restarts)");
                 self.quarantined.insert(path.clone(), stamp);
             }
@@ -412,7 +419,11 @@ impl State {
             .filter(|b| b.stamp == stamp)
             .map_or(1, |b| b.attempts + 1);
         let delay = backoff_delay(attempts);
-        tracing::warn!(path = %path.display(), attempts, retry_in_ms = delay.as_millis() as u64, reason = %reason, "will retry");
+        if self.outbox.store.is_down() {
+            tracing::debug!(path = %path.display(), attempts, retry_in_ms = delay.as_millis() as u64, reason = %reason, "will retry");
+        } else {
+            tracing::warn!(path = %path.display(), attempts, retry_in_ms = delay.as_millis() as u64, reason = %reason, "will retry");
+        }
         self.backoff.insert(
             path.to_owned(),
             Backoff {
@@ -463,7 +474,6 @@ fn backoff_delay(attempts: u32) -> Duration {
     base.mul_f64(1.0 - jitter / 2.0)
         .max(Duration::from_millis(100))
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,8 @@
 //! decided by [`classify`] alone, and a hint naming the setting that likely fixes it.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
@@ -51,6 +53,15 @@ pub struct Error {
     pub status: Option<u16>,
     pub message: String,
     pub hint: Option<&'static str>,
+    /// No answer at all (connection refused or reset, timeout): the endpoint, not the
+    /// request, is the problem.
+    pub unreachable: bool,
+}
+
+/// Whether the endpoint answered the last call.
+struct Health {
+    endpoint: String,
+    down: AtomicBool,
 }
 
 /// Why the client could not be built.
@@ -108,6 +119,7 @@ pub struct Part {
 #[derive(Clone)]
 pub struct Store {
     client: Client,
+    health: Arc<Health>,
     bucket: String,
     acl: Option<ObjectCannedAcl>,
     expected_owner: Option<String>,
@@ -164,6 +176,13 @@ impl Store {
         }
         Ok(Self {
             client: Client::from_conf(builder.build()),
+            health: Arc::new(Health {
+                endpoint: s3
+                    .endpoint_url
+                    .clone()
+                    .unwrap_or_else(|| "the S3 endpoint".into()),
+                down: AtomicBool::new(false),
+            }),
             bucket: s3.bucket.clone(),
             acl: match &s3.acl {
                 Acl::None => None,
@@ -171,6 +190,40 @@ impl Store {
             },
             expected_owner: s3.expected_bucket_owner.clone(),
         })
+    }
+
+    /// True while the endpoint does not answer (connection refused, timeouts): the
+    /// workers then send one probe at a time instead of every queued file.
+    pub fn is_down(&self) -> bool {
+        self.health.down.load(Ordering::Relaxed)
+    }
+
+    /// Turns an SDK result into ours and keeps [`Health`] current, so that an outage
+    /// is logged once when it starts and once when it ends, not once per file.
+    fn observe<T, E>(
+        &self,
+        result: Result<T, SdkError<E, HttpResponse>>,
+        op: &'static str,
+        key: impl ToString,
+    ) -> Result<T, Error>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        match result {
+            Ok(out) => {
+                if self.health.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!(endpoint = %self.health.endpoint, "S3 answers again: catching up");
+                }
+                Ok(out)
+            }
+            Err(err) => {
+                let err = sdk_error(op, key, err);
+                if err.unreachable && !self.health.down.swap(true, Ordering::Relaxed) {
+                    tracing::error!(endpoint = %self.health.endpoint, error = %err, "cannot reach S3: transfers wait and retry quietly until it answers");
+                }
+                Err(err)
+            }
+        }
     }
 
     /// Single PUT of `len` bytes of `path`, streamed from disk, with their MD5.
@@ -195,8 +248,8 @@ impl Store {
             .content_md5(aws_smithy_types::base64::encode(md5))
             .body(body)
             .send()
-            .await
-            .map_err(|e| sdk_error("PutObject", key, e))?;
+            .await;
+        let out = self.observe(out, "PutObject", key)?;
         Ok(out.e_tag.map(ETag::new))
     }
 
@@ -210,8 +263,8 @@ impl Store {
             .set_acl(self.acl.clone())
             .set_expected_bucket_owner(self.expected_owner.clone())
             .send()
-            .await
-            .map_err(|e| sdk_error("CreateMultipartUpload", key, e))?;
+            .await;
+        let out = self.observe(out, "CreateMultipartUpload", key)?;
         out.upload_id.ok_or_else(|| Error {
             op: "CreateMultipartUpload",
             key: key.to_string(),
@@ -220,6 +273,7 @@ impl Store {
             status: None,
             message: "the server returned no UploadId".into(),
             hint: None,
+            unreachable: false,
         })
     }
 
@@ -250,8 +304,8 @@ impl Store {
             .content_md5(aws_smithy_types::base64::encode(md5))
             .body(body)
             .send()
-            .await
-            .map_err(|e| sdk_error("UploadPart", key, e))?;
+            .await;
+        let out = self.observe(out, "UploadPart", key)?;
         Ok(Part {
             number,
             etag: out.e_tag,
@@ -286,23 +340,23 @@ impl Store {
                     .build(),
             )
             .send()
-            .await
-            .map_err(|e| sdk_error("CompleteMultipartUpload", key, e))?;
+            .await;
+        let out = self.observe(out, "CompleteMultipartUpload", key)?;
         Ok(out.e_tag.map(ETag::new))
     }
 
     /// Frees the parts of an upload that will not complete.
     pub async fn abort_multipart(&self, key: &ObjectKey, upload_id: &str) -> Result<(), Error> {
-        self.client
+        let out = self
+            .client
             .abort_multipart_upload()
             .bucket(&self.bucket)
             .key(key.as_str())
             .upload_id(upload_id)
             .set_expected_bucket_owner(self.expected_owner.clone())
             .send()
-            .await
-            .map(drop)
-            .map_err(|e| sdk_error("AbortMultipartUpload", key, e))
+            .await;
+        self.observe(out, "AbortMultipartUpload", key).map(drop)
     }
 
     /// One page (up to 1,000 keys) of ListObjectsV2 under `prefix`.
@@ -322,8 +376,8 @@ impl Store {
             .encoding_type(EncodingType::Url)
             .set_expected_bucket_owner(self.expected_owner.clone())
             .send()
-            .await
-            .map_err(|e| sdk_error("ListObjectsV2", prefix.as_str(), e))?;
+            .await;
+        let out = self.observe(out, "ListObjectsV2", prefix.as_str())?;
         let contents = out.contents.unwrap_or_default();
         // Some servers (s3s-fs) echo the encoding type without encoding: decode only
         // when every key on the page has the shape an encoder produces.
@@ -375,8 +429,8 @@ impl Store {
             .checksum_mode(ChecksumMode::Enabled)
             .set_expected_bucket_owner(self.expected_owner.clone())
             .send()
-            .await
-            .map_err(|e| sdk_error("GetObject", key, e))?;
+            .await;
+        let out = self.observe(out, "GetObject", key)?;
         Ok(Download {
             kms: out
                 .server_side_encryption
@@ -416,6 +470,7 @@ fn io_error(op: &'static str, key: impl ToString, err: impl std::fmt::Display) -
         status: None,
         message: format!("cannot read the local file: {err}"),
         hint: None,
+        unreachable: false,
     }
 }
 
@@ -438,6 +493,7 @@ where
     };
     let class = classify(kind, status, code.as_deref());
     Error {
+        unreachable: matches!(kind, Failure::Timeout | Failure::Dispatch),
         op,
         key: key.to_string(),
         class,

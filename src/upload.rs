@@ -104,7 +104,11 @@ impl Outbox {
                 };
             }
             Err(UploadError::S3(err)) => {
-                transfer.failed("failed", &err);
+                if err.unreachable {
+                    transfer.failed_quietly("failed", &err);
+                } else {
+                    transfer.failed("failed", &err);
+                }
                 return match err.class {
                     Class::Permanent => Outcome::Quarantine(err.to_string()),
                     _ => Outcome::Retry(err.to_string()),
@@ -298,7 +302,8 @@ impl Outbox {
     pub(crate) async fn abort(&self, key: &ObjectKey, upload_id: &str) {
         match self.store.abort_multipart(key, upload_id).await {
             Ok(()) => {}
-            Err(err) if err.class == Class::Gone || err.code.as_deref() == Some("NoSuchUpload") => {}
+            Err(err) if err.class == Class::Gone || err.code.as_deref() == Some("NoSuchUpload") => {
+            }
             Err(err) => {
                 tracing::warn!(key = %key, error = %err, "could not abort a multipart upload; its parts stay until the bucket's lifecycle rule removes them");
             }
