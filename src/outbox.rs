@@ -50,6 +50,14 @@ pub struct Totals {
     pub failed: u64,
 }
 
+/// How a file came to the worker's attention. Only a watcher event means "someone is
+/// writing": a rescan finding a pending file must not restart its settle clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    ByEvent,
+    ByScan,
+}
+
 /// Per-file bookkeeping that is not "waiting to settle".
 struct Backoff {
     stamp: FileStamp,
@@ -199,7 +207,7 @@ impl State {
                             stack.push(path);
                         }
                     }
-                    Ok(_) => self.consider_file(&path, now),
+                    Ok(_) => self.consider_file(&path, now, Found::ByScan),
                     Err(_) => {}
                 }
             }
@@ -214,7 +222,7 @@ impl State {
                     self.walk(path, now);
                 }
             }
-            Ok(_) => self.consider_file(path, now),
+            Ok(_) => self.consider_file(path, now, Found::ByEvent),
             Err(_) => {
                 self.pending.remove(path);
             }
@@ -232,7 +240,7 @@ impl State {
         })
     }
 
-    fn consider_file(&mut self, path: &Path, now: Instant) {
+    fn consider_file(&mut self, path: &Path, now: Instant, found: Found) {
         if self.ignored(path) {
             return;
         }
@@ -253,7 +261,11 @@ impl State {
         }
         self.pending
             .entry(path.to_owned())
-            .and_modify(|c| c.touched(now))
+            .and_modify(|c| {
+                if found == Found::ByEvent {
+                    c.touched(now);
+                }
+            })
             .or_insert_with(|| Candidate::new(stamp, now));
     }
 
@@ -383,7 +395,7 @@ impl State {
             Outcome::Vanished => {}
             Outcome::Again(reason) => {
                 tracing::info!(path = %path.display(), reason = %reason, "not sent this time; will send once it settles again");
-                self.consider_file(&path, now);
+                self.consider_file(&path, now, Found::ByEvent);
             }
             Outcome::AfterUploadFailed(reason) => {
                 self.totals.failed += 1;
@@ -404,7 +416,7 @@ impl State {
             }
         }
         if self.dirty.remove(&path) {
-            self.consider_file(&path, now);
+            self.consider_file(&path, now, Found::ByEvent);
         }
     }
 
