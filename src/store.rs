@@ -487,8 +487,12 @@ where
         SdkError::DispatchFailure(_) => Failure::Dispatch,
         _ => Failure::Construction,
     };
-    let message = match err.message() {
-        Some(m) if !m.is_empty() => format!("{} {m}", code.as_deref().unwrap_or("error")),
+    // Some servers (Ceph RGW) send an empty <Message>: the code and status say enough,
+    // where the SDK's full context would dump the whole response.
+    let message = match (err.message(), code.as_deref(), status) {
+        (Some(m), Some(c), _) if !m.is_empty() => format!("{c}: {m}"),
+        (_, Some(c), Some(s)) => format!("{c} (HTTP {s})"),
+        (_, Some(c), None) => c.to_owned(),
         _ => DisplayErrorContext(&err).to_string(),
     };
     let class = classify(kind, status, code.as_deref());
@@ -547,6 +551,9 @@ pub fn classify(failure: Failure, status: Option<u16>, code: Option<&str>) -> Cl
         Some(404) if code.is_none() => Class::Gone,
         Some(408 | 429) => Class::Transient,
         Some(s) if s >= 500 => Class::Transient,
+        // A success the SDK could not parse: the outcome is unknown, so try again
+        // rather than give up on the file.
+        Some(200..=299) => Class::Transient,
         Some(_) => Class::Permanent,
         // An unparseable reply without a status: a cut connection, most likely.
         None => Class::Transient,
@@ -626,6 +633,11 @@ mod tests {
             Class::Transient
         );
         assert_eq!(classify(Failure::Response, None, None), Class::Transient);
+        assert_eq!(
+            classify(Failure::Response, Some(200), None),
+            Class::Transient,
+            "an unparseable 200 is an unknown outcome, not a refusal"
+        );
     }
 
     #[test]

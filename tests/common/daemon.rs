@@ -18,8 +18,9 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_s3-exchange");
 const TAIL_LINES: usize = 60;
 
 /// `s3-exchange --config <config> <subcommand>` with an environment that cannot leak the
-/// developer's own AWS setup into the test: static test credentials, no profile files, no
-/// instance metadata, `HOME` inside the test's folder, no `RUST_LOG`, no inherited `AWS_*`.
+/// developer's own AWS setup into the test: static test credentials, no instance metadata,
+/// `HOME` inside the test's folder (so no `~/.aws` profile files), no `RUST_LOG`, no
+/// inherited `AWS_*`.
 pub fn command(home: &Path, config: &Path, subcommand: &str) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.arg("--config")
@@ -35,11 +36,6 @@ pub fn command(home: &Path, config: &Path, subcommand: &str) -> Command {
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", home.join("no-such-aws-config"))
-        .env(
-            "AWS_SHARED_CREDENTIALS_FILE",
-            home.join("no-such-aws-credentials"),
-        )
         .env("HOME", home)
         .stdin(Stdio::null());
     cmd
