@@ -71,9 +71,9 @@ async fn demo(base: &Path) -> anyhow::Result<()> {
     );
 
     let shutdown = CancellationToken::new();
-    daemon::handle_signals(shutdown.clone(), config_path, config.clone())?;
+    let control = daemon::handle_signals(shutdown.clone())?;
     tokio::spawn(play_owner(owner, shutdown.clone()));
-    Daemon::start(&config).await?.run(shutdown).await?;
+    Daemon::start(&config).await?.run(shutdown, control).await?;
     Ok(())
 }
 

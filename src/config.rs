@@ -48,6 +48,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub transfer: Transfer,
     pub log: Log,
+    pub metrics: Metrics,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +74,8 @@ pub struct Outbox {
     pub after_upload: AfterUpload,
     pub sent_dir: PathBuf,
     pub ignore: Vec<String>,
+    /// Send the files that symlinks in the outbox point to (never links to folders).
+    pub follow_symlinks: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,6 +102,15 @@ pub struct Log {
     pub level: Level,
     pub format: LogFormat,
     pub dir: PathBuf,
+    /// Daily files kept; the oldest is deleted when a new day starts.
+    pub max_files: usize,
+}
+
+/// The optional Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metrics {
+    /// Where to serve `GET /metrics`; `None` (the default) serves nothing.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// The canned ACL sent with every upload, or none at all.
@@ -247,6 +259,8 @@ struct RawConfig {
     transfer: RawTransfer,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    metrics: RawMetrics,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +310,7 @@ struct RawOutbox {
     after_upload: AfterUpload,
     sent_dir: String,
     ignore: Vec<String>,
+    follow_symlinks: bool,
 }
 
 impl Default for RawOutbox {
@@ -310,6 +325,7 @@ impl Default for RawOutbox {
             ignore: [".*", "*.part", "*.partial", "*.tmp", "*~", "*.swp"]
                 .map(String::from)
                 .to_vec(),
+            follow_symlinks: false,
         }
     }
 }
@@ -380,6 +396,7 @@ struct RawLog {
     level: Level,
     format: LogFormat,
     dir: String,
+    max_files: usize,
 }
 
 impl Default for RawLog {
@@ -388,8 +405,15 @@ impl Default for RawLog {
             level: Level::Info,
             format: LogFormat::Text,
             dir: "~/.local/state/s3-exchange/log".into(),
+            max_files: 14,
         }
     }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 /// S3's smallest part (except the last) and largest part.
@@ -497,6 +521,7 @@ impl Config {
             after_upload: raw.outbox.after_upload,
             sent_dir: dir("outbox.sent_dir", &raw.outbox.sent_dir)?,
             ignore: raw.outbox.ignore,
+            follow_symlinks: raw.outbox.follow_symlinks,
         };
         let inbox = Inbox {
             dir: dir("inbox.dir", &raw.inbox.dir)?,
@@ -508,6 +533,26 @@ impl Config {
             level: raw.log.level,
             format: raw.log.format,
             dir: dir("log.dir", &raw.log.dir)?,
+            max_files: raw.log.max_files,
+        };
+        if log.max_files == 0 {
+            return Err(invalid(
+                "log.max_files",
+                "must be at least 1: it is how many daily log files are kept".into(),
+            ));
+        }
+        let metrics = Metrics {
+            listen: match raw.metrics.listen {
+                None => None,
+                Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|_| {
+                    invalid(
+                        "metrics.listen",
+                        format!(
+                            "{text:?} is not an address and port such as \"127.0.0.1:9187\" (remove the line to serve no metrics)"
+                        ),
+                    )
+                })?),
+            },
         };
 
         if outbox.rescan_interval < Duration::from_secs(1) {
@@ -631,6 +676,7 @@ impl Config {
             state_dir,
             transfer,
             log,
+            metrics,
         })
     }
 }
@@ -676,6 +722,8 @@ mod tests {
         assert_eq!(c.inbox.poll_interval, Duration::from_secs(30));
         assert_eq!(c.transfer.concurrency, 8);
         assert_eq!(c.transfer.part_size, 16 << 20);
+        assert_eq!(c.log.max_files, 14);
+        assert_eq!(c.metrics.listen, None);
         assert!(c.outbox.dir.is_absolute());
         assert!(c.outbox.dir.ends_with("exchange/outbox"));
     }
@@ -748,6 +796,27 @@ mod tests {
             ("[transfer]\nconcurrency = 0\n", "transfer.concurrency"),
         ];
         for (snippet, key) in cases {
+            let err = parse(&format!("{MINIMAL}{snippet}")).expect_err(snippet);
+            assert!(
+                matches!(&err, Error::Invalid { key: k, .. } if *k == key),
+                "{snippet}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn log_retention_and_the_metrics_address_are_validated() {
+        let c = parse(&format!(
+            "{MINIMAL}[log]\nmax_files = 3\n[metrics]\nlisten = \"127.0.0.1:9187\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.log.max_files, 3);
+        assert_eq!(c.metrics.listen, Some(([127, 0, 0, 1], 9187).into()));
+        for (snippet, key) in [
+            ("[log]\nmax_files = 0\n", "log.max_files"),
+            ("[metrics]\nlisten = \"localhost\"\n", "metrics.listen"),
+            ("[metrics]\nlisten = \"127.0.0.1\"\n", "metrics.listen"),
+        ] {
             let err = parse(&format!("{MINIMAL}{snippet}")).expect_err(snippet);
             assert!(
                 matches!(&err, Error::Invalid { key: k, .. } if *k == key),

@@ -192,6 +192,11 @@ impl Inbox {
         if !plan::needs_fetch(&token, record.as_ref().map(|r| &r.delivered)) {
             return None;
         }
+        // A version already found unable to land (a file or link in its way) is not
+        // downloaded again; a new version is tried.
+        if matches!(self.ledger.rejected(&object.key), Ok(Some(r)) if r.token == token) {
+            return None;
+        }
         match RelPath::from_key(&self.config.prefix, &object.key) {
             Ok(rel) if rel.segments()[0] == localfs::TEMP_DIR => {
                 let reason = format!("{} is the daemon's own temporary folder", localfs::TEMP_DIR);
@@ -333,7 +338,8 @@ impl Inbox {
             let mut hasher = Md5::new();
             let mut size = 0u64;
             while let Some(chunk) = download.body.next().await {
-                let chunk = chunk.map_err(|e| format!("the download broke off: {e}"))?;
+                let chunk =
+                    chunk.map_err(|e| format!("the download broke off: {}", error_chain(&e)))?;
                 hasher.update(&chunk);
                 size += chunk.len() as u64;
                 tokio::task::block_in_place(|| file.write_all(&chunk)).map_err(|e| {
@@ -448,6 +454,19 @@ fn tally(done: Result<Fetched, tokio::task::JoinError>, totals: &mut Totals, cha
             totals.failed += 1;
         }
     }
+}
+
+/// An error with its causes, `a: b: c`: body errors hide the useful part (a checksum
+/// mismatch) in their sources.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// `interval` +- 10%, so that many clients do not poll in lockstep.

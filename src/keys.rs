@@ -230,28 +230,6 @@ impl fmt::Display for RelPath {
     }
 }
 
-/// True when `text` could be the output of S3's `encoding-type=url` (only unreserved
-/// characters, `/`, `+` and well-formed `%XX`), so decoding it cannot misread a raw key
-/// with spaces or other characters an encoder never leaves as they are.
-pub fn is_url_encoded_shape(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3);
-                if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
-                    return false;
-                }
-                i += 3;
-            }
-            b if b.is_ascii_alphanumeric() || b"-_.~/+!*'()".contains(&b) => i += 1,
-            _ => return false,
-        }
-    }
-    true
-}
-
 /// Decodes a key from a listing made with `encoding-type=url` (`%XX`, and `+` for a
 /// space as S3 writes it). `None` if the bytes are not UTF-8.
 pub fn url_decode(text: &str) -> Option<String> {
@@ -382,16 +360,13 @@ mod tests {
     }
 
     #[test]
-    fn listed_keys_are_url_decoded_only_when_they_look_encoded() {
+    fn listed_keys_are_url_decoded() {
         assert_eq!(
             url_decode("a%2Fb+c%01%C3%A9").as_deref(),
             Some("a/b c\u{1}é")
         );
         assert_eq!(url_decode("%ff"), None, "not UTF-8");
-        assert!(is_url_encoded_shape("Delivery/a%20b+c~d"));
-        assert!(!is_url_encoded_shape("Delivery/a b"), "a raw space");
-        assert!(!is_url_encoded_shape("Delivery/é"), "raw non-ASCII");
-        assert!(!is_url_encoded_shape("Delivery/100%"), "a bare percent");
+        assert_eq!(url_decode("100%"), None, "a bare percent");
     }
 
     #[test]

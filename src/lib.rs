@@ -9,15 +9,21 @@
 //! file -> [`plan`] -> [`store`] -> [`ledger`] for the outbox,
 //! object -> [`plan`] -> [`store`] -> [`localfs`] -> [`ledger`] for the inbox.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod inbox;
+pub mod init;
 pub mod keys;
 pub mod ledger;
 pub mod localfs;
 pub mod logging;
+pub mod metrics;
 pub mod outbox;
 pub mod plan;
+pub mod sdnotify;
+pub mod status;
 pub mod store;
+pub mod upload;
 pub mod watcher;

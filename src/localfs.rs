@@ -86,7 +86,15 @@ impl InboxRoot {
     pub fn open(path: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(path)?;
         let root = rustix::fs::open(path, dir_flags(), Mode::empty())?;
-        let temp = open_or_create_dir(&root, TEMP_DIR)?;
+        let temp = open_or_create_dir(&root, TEMP_DIR).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!(
+                    "{} must be a plain folder (a symlink or file is in the way: {e}); remove it",
+                    path.join(TEMP_DIR).display()
+                ),
+            )
+        })?;
         let this = Self {
             path: path.to_owned(),
             root,
@@ -258,14 +266,34 @@ pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<PathBuf> {
             }
             Err(rustix::io::Errno::EXIST) => n += 1,
             Err(rustix::io::Errno::XDEV) => {
-                if target.exists() {
-                    n += 1;
-                    continue;
+                // Another file system: copy to a hidden temp name, then rename it in, so
+                // a full disk never leaves a truncated file under the real name.
+                let temp = format!(".{candidate}.s3-exchange-copy");
+                if let Err(err) = copy_durably(src, &parent.join(&temp)) {
+                    let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
+                    return Err(err);
                 }
-                copy_durably(src, &target)?;
-                rustix::fs::fsync(&dir)?;
-                std::fs::remove_file(src)?;
-                return Ok(target);
+                match rustix::fs::renameat_with(
+                    &dir,
+                    temp.as_str(),
+                    &dir,
+                    candidate.as_str(),
+                    RenameFlags::NOREPLACE,
+                ) {
+                    Ok(()) => {
+                        rustix::fs::fsync(&dir)?;
+                        std::fs::remove_file(src)?;
+                        return Ok(target);
+                    }
+                    Err(rustix::io::Errno::EXIST) => {
+                        let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
+                        n += 1;
+                    }
+                    Err(e) => {
+                        let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
+                        return Err(e.into());
+                    }
+                }
             }
             Err(e) => return Err(e.into()),
         }
@@ -276,7 +304,8 @@ fn copy_durably(src: &Path, dest: &Path) -> io::Result<()> {
     let mut from = File::open(src)?;
     let mut to = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .open(dest)?;
     io::copy(&mut from, &mut to)?;
     to.sync_all()

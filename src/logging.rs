@@ -12,7 +12,10 @@ use std::time::Instant;
 
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, fmt};
 
@@ -36,8 +39,9 @@ pub fn init(log: &config::Log) -> Guard {
     let stderr = match (log.format, journald) {
         (LogFormat::Json, _) => fmt::layer().json().with_writer(std::io::stderr).boxed(),
         (LogFormat::Text, true) => fmt::layer()
-            .without_time()
-            .with_ansi(false)
+            .event_format(JournalPriority(
+                fmt::format().without_time().with_ansi(false),
+            ))
             .with_writer(std::io::stderr)
             .boxed(),
         (LogFormat::Text, false) => fmt::layer()
@@ -45,7 +49,7 @@ pub fn init(log: &config::Log) -> Guard {
             .with_writer(std::io::stderr)
             .boxed(),
     };
-    let (file, guard, file_error) = match file_writer(&log.dir) {
+    let (file, guard, file_error) = match file_writer(&log.dir, log.max_files) {
         Ok((writer, guard)) => (
             Some(
                 fmt::layer()
@@ -69,8 +73,43 @@ pub fn init(log: &config::Log) -> Guard {
     Guard { _file: guard }
 }
 
+/// A daily file, of which the newest `max_files` are kept (tracing-appender deletes
+/// the oldest when it rolls over), so an unattended daemon never fills the disk.
+/// Under journald, each line starts with its syslog priority (`<3>` error ... `<7>`
+/// debug), which journald strips and records, so `journalctl -p warning` and colouring
+/// work (sd-daemon(3)).
+struct JournalPriority<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for JournalPriority<F>
+where
+    F: FormatEvent<S, N>,
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "<{}>", priority(*event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// The syslog priority of a tracing level.
+fn priority(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        _ => 7,
+    }
+}
+
 fn file_writer(
     dir: &Path,
+    max_files: usize,
 ) -> Result<(tracing_appender::non_blocking::NonBlocking, WorkerGuard), Box<dyn std::error::Error>>
 {
     std::fs::create_dir_all(dir)?;
@@ -78,6 +117,7 @@ fn file_writer(
         .rotation(tracing_appender::rolling::Rotation::DAILY)
         .filename_prefix("s3-exchange")
         .filename_suffix("jsonl")
+        .max_log_files(max_files)
         .build(dir)?;
     Ok(tracing_appender::non_blocking(appender))
 }
@@ -107,6 +147,13 @@ pub struct Transfer {
 
 impl Transfer {
     pub fn start(direction: Direction, key: &ObjectKey, path: &Path) -> Self {
+        tracing::debug!(
+            target: "s3_exchange::transfer",
+            direction = direction.as_str(),
+            key = %key,
+            path = %path.display(),
+            "transfer started"
+        );
         Self {
             direction,
             key: key.to_string(),
@@ -125,11 +172,13 @@ impl Transfer {
     }
 
     pub fn done(&self, bytes: u64, etag: Option<&ETag>) {
+        let path = self.path.display().to_string();
+        crate::status::STATS.transfer_done(self.direction.as_str(), &self.key, &path, bytes);
         tracing::info!(
             target: "s3_exchange::transfer",
             direction = self.direction.as_str(),
             key = %self.key,
-            path = %self.path.display(),
+            path = %path,
             bytes,
             duration_ms = self.duration_ms(),
             etag = etag.map_or("", ETag::as_str),
@@ -139,12 +188,45 @@ impl Transfer {
     }
 
     pub fn failed(&self, outcome: &str, error: &dyn Display) {
+        crate::status::STATS.transfer_failed(
+            self.direction.as_str(),
+            &self.key,
+            &self.path.display().to_string(),
+            outcome,
+            error.to_string(),
+        );
         tracing::warn!(
             target: "s3_exchange::transfer",
             direction = self.direction.as_str(),
             key = %self.key,
             path = %self.path.display(),
+            bytes = 0u64,
             duration_ms = self.duration_ms(),
+            etag = "",
+            outcome,
+            error = %error,
+            "transfer"
+        );
+    }
+
+    /// As [`Transfer::failed`], at debug level: for failures while S3 is unreachable,
+    /// which the store reports once for all transfers.
+    pub fn failed_quietly(&self, outcome: &str, error: &dyn Display) {
+        crate::status::STATS.transfer_failed(
+            self.direction.as_str(),
+            &self.key,
+            &self.path.display().to_string(),
+            outcome,
+            error.to_string(),
+        );
+        tracing::debug!(
+            target: "s3_exchange::transfer",
+            direction = self.direction.as_str(),
+            key = %self.key,
+            path = %self.path.display(),
+            bytes = 0u64,
+            duration_ms = self.duration_ms(),
+            etag = "",
             outcome,
             error = %error,
             "transfer"

@@ -233,11 +233,32 @@ impl State {
         let Ok(rel) = path.strip_prefix(&self.outbox.config.dir) else {
             return true;
         };
+        if self.through_link(rel) {
+            return true;
+        }
         rel.components().any(|c| {
             c.as_os_str()
                 .to_str()
                 .is_some_and(|name| plan::is_ignored(name, &self.outbox.config.ignore))
         })
+    }
+
+    /// True if a folder on the way from the outbox to `rel` is a symlink: what lies
+    /// behind it is outside the outbox and is never sent (a link to `/etc` must not
+    /// upload, and then move away, what is written there).
+    fn through_link(&self, rel: &Path) -> bool {
+        let mut at = self.outbox.config.dir.clone();
+        let mut components = rel.components().peekable();
+        while let Some(component) = components.next() {
+            if components.peek().is_none() {
+                return false;
+            }
+            at.push(component);
+            if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+                return true;
+            }
+        }
+        false
     }
 
     fn consider_file(&mut self, path: &Path, now: Instant, found: Found) {
@@ -251,6 +272,11 @@ impl State {
         if self.in_flight.contains(path) {
             self.dirty.insert(path.to_owned());
             return;
+        }
+        if found == Found::ByEvent {
+            // chmod (the fix for an unreadable file) changes neither size nor mtime:
+            // any event on the path is worth another try.
+            self.quarantined.remove(path);
         }
         if self.quarantined.get(path) == Some(&stamp) || self.already_kept(path, stamp) {
             return;
@@ -317,11 +343,20 @@ impl State {
         if self.outbox.store.is_down() && !self.in_flight.is_empty() {
             return;
         }
+        // Only as many files as there are free permits can start: stat no more than
+        // that (10,000 files dropped at once must not cost 10,000 stats per pass).
+        let available = self.permits.available_permits();
+        if available == 0 {
+            return;
+        }
         let now = Instant::now();
         let settle = self.outbox.config.settle;
         let mut ready = Vec::new();
         let mut gone = Vec::new();
         for (path, candidate) in &mut self.pending {
+            if ready.len() == available {
+                break;
+            }
             if self.backoff.get(path).is_some_and(|b| b.until > now) {
                 continue;
             }
@@ -340,7 +375,6 @@ impl State {
         for path in gone {
             self.pending.remove(&path);
         }
-        ready.sort_by(|a, b| a.0.cmp(&b.0));
         for (path, stamp) in ready {
             let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
                 break;

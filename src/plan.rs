@@ -237,6 +237,64 @@ mod tests {
     }
 
     #[test]
+    fn a_file_written_more_often_than_the_settle_time_never_settles() {
+        let t0 = Instant::now();
+        let settle = Duration::from_secs(2);
+        let mut c = Candidate::new(stamp(0, 0), t0);
+        for i in 1..=10u64 {
+            // A write every second, the daemon looking in between.
+            let at = t0 + Duration::from_secs(i);
+            c.touched(at);
+            let grown = stamp(i * 100, i as i64);
+            assert!(!c.observe(grown, at, settle), "settled at write {i}");
+            assert!(!c.observe(grown, at + Duration::from_millis(999), settle));
+            assert_eq!(c.due(settle), at + settle, "due moves with every write");
+        }
+        let last = t0 + Duration::from_secs(10);
+        assert!(c.observe(stamp(1000, 10), last + settle, settle));
+    }
+
+    #[test]
+    fn a_change_seen_only_by_stat_restarts_the_clock_from_that_look() {
+        // No event (a file on a network share, or the watcher lost it): the stat at the
+        // due time sees the change and the file needs another quiet settle time.
+        let t0 = Instant::now();
+        let settle = Duration::from_secs(2);
+        let mut c = Candidate::new(stamp(10, 1), t0);
+        let look = t0 + settle;
+        assert!(!c.observe(stamp(10, 2), look, settle), "mtime changed");
+        assert_eq!(c.due(settle), look + settle);
+        assert!(!c.observe(stamp(10, 2), look + Duration::from_secs(1), settle));
+        assert!(c.observe(stamp(10, 2), look + settle, settle));
+    }
+
+    #[test]
+    fn a_file_truncated_and_rewritten_does_not_settle_on_its_way_back() {
+        // An editor saving in place: truncate to 0, then write the new content.
+        let t0 = Instant::now();
+        let settle = Duration::from_secs(2);
+        let mut c = Candidate::new(stamp(500, 1), t0);
+        assert!(!c.observe(stamp(0, 2), t0 + settle, settle), "truncated");
+        assert!(
+            !c.observe(stamp(480, 3), t0 + settle * 2, settle),
+            "rewritten"
+        );
+        assert!(c.observe(stamp(480, 3), t0 + settle * 3, settle));
+    }
+
+    #[test]
+    fn with_zero_settle_only_an_unchanged_look_counts() {
+        let t0 = Instant::now();
+        let mut c = Candidate::new(stamp(10, 1), t0);
+        assert!(c.observe(stamp(10, 1), t0, Duration::ZERO));
+        assert!(
+            !c.observe(stamp(11, 1), t0, Duration::ZERO),
+            "a change never counts"
+        );
+        assert!(c.observe(stamp(11, 1), t0, Duration::ZERO));
+    }
+
+    #[test]
     fn ignore_patterns_match_whole_names() {
         let p: Vec<String> = [".*", "*.part", "*.partial", "*.tmp", "*~", "*.swp"]
             .map(String::from)

@@ -58,6 +58,11 @@ pub struct Error {
     pub unreachable: bool,
 }
 
+/// A reply that arrived (2xx) but could not be read: for a listing, keys XML cannot carry.
+fn is_unparseable(err: &Error) -> bool {
+    err.status.is_some_and(|s| (200..300).contains(&s))
+}
+
 /// Whether the endpoint answered the last call.
 struct Health {
     endpoint: String,
@@ -120,6 +125,8 @@ pub struct Part {
 pub struct Store {
     client: Client,
     health: Arc<Health>,
+    /// Set once a plain listing could not be parsed: list with `encoding-type=url`.
+    url_listings: Arc<AtomicBool>,
     bucket: String,
     acl: Option<ObjectCannedAcl>,
     expected_owner: Option<String>,
@@ -176,6 +183,7 @@ impl Store {
         }
         Ok(Self {
             client: Client::from_conf(builder.build()),
+            url_listings: Arc::new(AtomicBool::new(false)),
             health: Arc::new(Health {
                 endpoint: s3
                     .endpoint_url
@@ -360,10 +368,36 @@ impl Store {
     }
 
     /// One page (up to 1,000 keys) of ListObjectsV2 under `prefix`.
+    ///
+    /// Keys may hold characters XML 1.0 cannot carry (control characters), which make
+    /// the listing unparseable. Then the page is asked again with `encoding-type=url`
+    /// (and every later listing too). Not from the start: some servers (s3s-fs) echo
+    /// the encoding type without encoding, and decoding their raw keys would turn
+    /// `a+b` into `a b`.
     pub async fn list_page(
         &self,
         prefix: &Prefix,
         start: Option<String>,
+    ) -> Result<ListPage, Error> {
+        let encoded = self.url_listings.load(Ordering::Relaxed);
+        match self.list_page_as(prefix, start.clone(), encoded).await {
+            Err(err) if !encoded && is_unparseable(&err) => {
+                let page = self.list_page_as(prefix, start, true).await?;
+                tracing::info!(
+                    "the listing holds keys XML cannot carry: listing with encoding-type=url from now on"
+                );
+                self.url_listings.store(true, Ordering::Relaxed);
+                Ok(page)
+            }
+            other => other,
+        }
+    }
+
+    async fn list_page_as(
+        &self,
+        prefix: &Prefix,
+        start: Option<String>,
+        url_encoded: bool,
     ) -> Result<ListPage, Error> {
         let out = self
             .client
@@ -371,29 +405,19 @@ impl Store {
             .bucket(&self.bucket)
             .prefix(prefix.as_str())
             .set_continuation_token(start)
-            // Keys may hold characters XML 1.0 cannot carry (control characters): ask
-            // for them percent-encoded, so one hostile key cannot break every listing.
-            .encoding_type(EncodingType::Url)
+            .set_encoding_type(url_encoded.then_some(EncodingType::Url))
             .set_expected_bucket_owner(self.expected_owner.clone())
             .send()
             .await;
         let out = self.observe(out, "ListObjectsV2", prefix.as_str())?;
-        let contents = out.contents.unwrap_or_default();
-        // Some servers (s3s-fs) echo the encoding type without encoding: decode only
-        // when every key on the page has the shape an encoder produces.
-        let encoded = out.encoding_type == Some(EncodingType::Url)
-            && contents
-                .iter()
-                .all(|o| o.key.as_deref().is_none_or(keys::is_url_encoded_shape));
-        let objects = contents
+        let decode = url_encoded && out.encoding_type == Some(EncodingType::Url);
+        let objects = out
+            .contents
+            .unwrap_or_default()
             .into_iter()
             .filter_map(|o| {
                 let key = o.key?;
-                let key = if encoded {
-                    keys::url_decode(&key)?
-                } else {
-                    key
-                };
+                let key = if decode { keys::url_decode(&key)? } else { key };
                 Some(Listed {
                     key: ObjectKey::from_listing(key),
                     etag: o.e_tag.filter(|e| !e.is_empty()).map(ETag::new),

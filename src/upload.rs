@@ -84,7 +84,18 @@ impl Outbox {
             }
             Some(_) => {}
         }
-        let (etag, checksum) = match self.upload(&key, path, rel, stamp).await {
+        let result = self.upload(&key, path, rel, stamp).await;
+        // A failure may come from the file, not from S3: a body read through a file
+        // that vanished or changed surfaces inside the SDK as a dispatch error.
+        let result = match (result, self.stamp_of(path)) {
+            (Err(_), None) => {
+                transfer.failed("vanished", &"the file vanished during the upload");
+                return Outcome::Vanished;
+            }
+            (Err(_), Some(now)) if now != stamp => Err(UploadError::Changed),
+            (result, _) => result,
+        };
+        let (etag, checksum) = match result {
             Ok(done) => done,
             Err(UploadError::Changed) => {
                 transfer.failed("changed", &"the file changed during the upload");
@@ -204,8 +215,11 @@ impl Outbox {
         };
         self.remember(key, &upload).await?;
         let result = self.send_parts(key, path, stamp, &mut upload).await;
-        let keep_for_resume = matches!(&result, Err(UploadError::S3(e)) if e.class == Class::Transient)
-            || matches!(&result, Err(UploadError::Local(e)) if e.kind() != std::io::ErrorKind::NotFound);
+        // Resume later only what can be resumed: a transient failure of an unchanged file.
+        let unchanged = self.stamp_of(path) == Some(stamp);
+        let keep_for_resume = unchanged
+            && (matches!(&result, Err(UploadError::S3(e)) if e.class == Class::Transient)
+                || matches!(&result, Err(UploadError::Local(_))));
         if result.is_ok() {
             self.forget(key).await;
         } else if !keep_for_resume {

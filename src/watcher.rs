@@ -35,6 +35,7 @@ pub struct Rescan {
 
 impl Rescan {
     fn request(&self) {
+        crate::status::STATS.watcher_overflow();
         self.wanted.store(true, Ordering::SeqCst);
         self.notify.notify_one();
     }
@@ -57,8 +58,8 @@ pub fn watch(dir: &Path) -> Result<(Watcher, Hints, Arc<Rescan>), notify::Error>
     let (tx, rx) = mpsc::channel(QUEUE);
     let rescan = Arc::new(Rescan::default());
     let flag = Arc::clone(&rescan);
-    let mut inner =
-        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+    let mut inner = RecommendedWatcher::new(
+        move |res: notify::Result<notify::Event>| match res {
             Ok(event) if event.need_rescan() => {
                 tracing::warn!("the watcher lost events (queue overflow): rescanning the outbox");
                 flag.request();
@@ -76,7 +77,11 @@ pub fn watch(dir: &Path) -> Result<(Watcher, Hints, Arc<Rescan>), notify::Error>
                 report_error(&err);
                 flag.request();
             }
-        })?;
+        },
+        // Never follow symlinks: a link to a folder outside the outbox must not be
+        // watched (and its files sent and moved away).
+        notify::Config::default().with_follow_symlinks(false),
+    )?;
     inner
         .watch(dir, RecursiveMode::Recursive)
         .inspect_err(report_error)?;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine: installs what the tests need,
 # checks formatting and lints, then runs every unit and integration test. The
-# integration tests start their own S3-compatible servers on 127.0.0.1 and stop them.
+# integration tests start their own S3-compatible servers on 127.0.0.1 and stop them; the
+# interop suite's servers (Ceph RADOS Gateway, moto) are started here, once, and stopped.
 # Usage: tests/run.sh            (CI runs exactly this through .ci/run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,33 @@ cargo fmt --all -- --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
-log "cargo test (unit and integration tests)"
+# The interop suite's servers (tests/interop/): one RADOS Gateway and one moto for the whole
+# run (the gateway takes ~15 s to start), stopped on exit.
+# shellcheck source=tests/interop/servers.sh
+source tests/interop/servers.sh
+trap interop_down EXIT
+log "starting the interop servers (Ceph RADOS Gateway, moto)"
+interop_up
+
+log "cargo test (unit, integration and interop tests)"
 cargo test --all-targets --locked -- --test-threads "${TEST_THREADS:-4}"
+
+# The .deb and .rpm (packaging/build.sh) of the dev build the tests just made, only when
+# cargo-deb and cargo-generate-rpm are already installed: installing them costs about 3
+# and 7 CPU-minutes (packaging/build.sh --install-tools). The systemd test installs the .deb.
+log "packages (.deb and .rpm, contents checked)"
+deb=""
+pkg_rc=0
+pkg_out=$(packaging/build.sh --profile dev) || pkg_rc=$?
+case $pkg_rc in
+  0) deb=$(sed -n 's/^DEB=//p' <<<"$pkg_out") ;;
+  2) echo "packages skipped: a packager is not installed" >&2 ;;
+  *) echo "packaging/build.sh failed" >&2; exit 1 ;;
+esac
+
+# Both units under a real systemd 252 (../shared/testbed/systemd-sandbox). Needs root;
+# elsewhere it prints "SKIP ...: <reason>" and passes.
+log "systemd units under a real systemd"
+S3X_DEB="$deb" cargo test --locked --test systemd -- --ignored --nocapture
 
 log "all tests passed"

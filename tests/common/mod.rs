@@ -12,6 +12,8 @@
 mod daemon;
 pub mod expected_owner;
 mod fixture;
+pub mod inbox_bed;
+pub mod outbox;
 mod owner;
 mod proxy;
 mod server;

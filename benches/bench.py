@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of s3-exchange and the S3 tools people use instead.
+
+Run through benches/run.sh, which installs the peers, starts the Ceph RADOS Gateway from
+tests/interop/radosgw.sh and builds the release binary. Every scenario runs s3-exchange
+and each peer against the same server in the same run, alternating, ROUNDS times, and
+prints medians and the ratio to the best peer. Nothing here is a test: tests never time.
+
+Scenarios (issue 8):
+  big       one 1 GiB file up (outbox -> object complete) and down (delivery -> inbox)
+  small     1,000 files of 4 KiB up and down
+  poll      a steady-state poll of Delivery/ holding N known objects: CPU s, GETs, RSS
+  latency   from a file's close to the start of its upload, beyond settle (p50, p99)
+  idle      CPU seconds and resident memory over IDLE_SECONDS with the ledger of `poll`
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+from botocore.config import Config as BotoConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "s3-exchange")
+ENDPOINT = os.environ["S3X_RGW_ENDPOINT"]
+KEY = os.environ["S3X_RGW_OWNER_KEY"]
+SECRET = os.environ["S3X_RGW_OWNER_SECRET"]
+AWS = os.environ.get("S3X_AWS_CLI", "/usr/bin/aws")
+S5CMD = os.environ["S3X_S5CMD"]
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+POLL_OBJECTS = int(os.environ.get("BENCH_POLL_OBJECTS", "100000"))
+IDLE_SECONDS = int(os.environ.get("BENCH_IDLE_SECONDS", "300"))
+LATENCY_FILES = int(os.environ.get("BENCH_LATENCY_FILES", "200"))
+BUCKET = "bench"
+SETTLE_MS = 200
+
+PEER_ENV = dict(
+    os.environ,
+    AWS_ACCESS_KEY_ID=KEY,
+    AWS_SECRET_ACCESS_KEY=SECRET,
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+    RCLONE_CONFIG_RGW_TYPE="s3",
+    RCLONE_CONFIG_RGW_PROVIDER="Ceph",
+    RCLONE_CONFIG_RGW_ENDPOINT=ENDPOINT,
+    RCLONE_CONFIG_RGW_ACCESS_KEY_ID=KEY,
+    RCLONE_CONFIG_RGW_SECRET_ACCESS_KEY=SECRET,
+    RCLONE_CONFIG_RGW_ACL="bucket-owner-full-control",
+)
+# rclone 1.60 refuses to start while AWS_CA_BUNDLE is set (these machines set it).
+PEER_ENV.pop("AWS_CA_BUNDLE", None)
+
+
+def s3():
+    return boto3.client(
+        "s3",
+        endpoint_url=ENDPOINT,
+        aws_access_key_id=KEY,
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+        config=BotoConfig(max_pool_connections=32, s3={"addressing_style": "path"}),
+    )
+
+
+def wait_until(what, cond, timeout=900, step=0.005):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(step)
+
+
+def run(cmd, **kw):
+    subprocess.run(cmd, check=True, env=PEER_ENV, stdout=subprocess.DEVNULL, **kw)
+
+
+def timed(cmd):
+    t0 = time.monotonic()
+    run(cmd)
+    return time.monotonic() - t0
+
+
+def count_files(path):
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def proc_status(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # MiB
+    return 0.0
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Daemon:
+    """The real binary on fresh folders, owner's keys, debug log to a file."""
+
+    def __init__(self, base, poll_interval="1h", rescan="5m"):
+        self.base = base
+        for d in ("outbox", "inbox", "sent", "state", "log"):
+            os.makedirs(os.path.join(base, d), exist_ok=True)
+        self.config = os.path.join(base, "config.toml")
+        with open(self.config, "w") as f:
+            f.write(
+                f"""[s3]
+bucket = "{BUCKET}"
+region = "us-east-1"
+endpoint_url = "{ENDPOINT}"
+force_path_style = true
+checksums = "when_required"
+[outbox]
+dir = "{base}/outbox"
+sent_dir = "{base}/sent"
+settle = "{SETTLE_MS}ms"
+rescan_interval = "{rescan}"
+[inbox]
+dir = "{base}/inbox"
+poll_interval = "{poll_interval}"
+[state]
+dir = "{base}/state"
+[log]
+level = "debug"
+format = "json"
+dir = "{base}/log"
+"""
+            )
+        self.stderr = open(os.path.join(base, "stderr.jsonl"), "w")
+        self.proc = subprocess.Popen(
+            [BIN, "--config", self.config, "run"],
+            env=dict(PEER_ENV, RUST_LOG="s3_exchange=debug"),
+            stderr=self.stderr,
+        )
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def poll_now(self):
+        os.kill(self.pid, signal.SIGUSR1)
+
+    def events(self):
+        with open(self.stderr.name) as f:
+            for line in f:
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        self.stderr.close()
+
+
+def polls_done(daemon):
+    return sum(1 for e in daemon.events() if e.get("fields", {}).get("message") == "poll done")
+
+
+def put_many(client, prefix, count, body):
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket=BUCKET, Key=f"{prefix}{i:06d}", Body=body), range(count)))
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def report(title, results, unit="s"):
+    """results: name -> list of samples. Prints medians and the ratio to the best peer."""
+    print(f"\n## {title}")
+    peers = {k: median(v) for k, v in results.items() if k != "s3-exchange"}
+    best_peer = min(peers, key=peers.get) if peers else None
+    for name, samples in results.items():
+        m = median(samples)
+        ratio = f"{m / peers[best_peer]:.2f}x best peer ({best_peer})" if best_peer and name == "s3-exchange" else ""
+        print(f"  {name:12} median {m:8.3f} {unit}  samples {['%.3f' % s for s in samples]} {ratio}")
+    return {k: median(v) for k, v in results.items()}
+
+
+def scenario_big(work, client, summary):
+    src = os.path.join(work, "big.bin")
+    with open(src, "wb") as f:
+        for _ in range(1024):
+            f.write(os.urandom(1 << 20))
+    up = {"s3-exchange": [], "s5cmd": [], "rclone": [], "aws": []}
+    down = {"s3-exchange": [], "s5cmd": [], "rclone": [], "aws": []}
+    peak = []
+    client.put_object(Bucket=BUCKET, Key="Delivery/big/seed", Body=b"x")
+    for r in range(ROUNDS):
+        d = Daemon(os.path.join(work, f"big-{r}"))
+        name = f"big-{r}.bin"
+        os.link(src, os.path.join(work, name))
+        t0 = time.monotonic()
+        os.rename(os.path.join(work, name), os.path.join(d.base, "outbox", name))
+        wait_until("the big upload", lambda: os.path.exists(os.path.join(d.base, "sent", name)))
+        up["s3-exchange"].append(time.monotonic() - t0)
+        # Download: the owner's object is already there; a poll fetches it.
+        run([S5CMD, "--endpoint-url", ENDPOINT, "cp", src, f"s3://{BUCKET}/Delivery/big-{r}/big.bin"])
+        t0 = time.monotonic()
+        d.poll_now()
+        target = os.path.join(d.base, "inbox", f"big-{r}", "big.bin")
+        wait_until("the big delivery", lambda: os.path.exists(target))
+        down["s3-exchange"].append(time.monotonic() - t0)
+        peak.append(proc_status(d.pid, "VmHWM"))
+        d.stop()
+        up["s5cmd"].append(timed([S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/s5-{r}"]))
+        up["rclone"].append(timed(["rclone", "copyto", src, f"rgw:{BUCKET}/Submissions/rc-{r}"]))
+        up["aws"].append(timed([AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--acl", "bucket-owner-full-control", "--quiet", src, f"s3://{BUCKET}/Submissions/aws-{r}"]))
+        out = os.path.join(work, "down.bin")
+        for peer, cmd in (
+            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/big-{r}/big.bin", out]),
+            ("rclone", ["rclone", "copyto", f"rgw:{BUCKET}/Delivery/big-{r}/big.bin", out]),
+            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--quiet", f"s3://{BUCKET}/Delivery/big-{r}/big.bin", out]),
+        ):
+            down[peer].append(timed(cmd))
+            os.remove(out)
+        shutil.rmtree(d.base)
+    summary["big_up"] = report("1 GiB up (outbox -> object complete)", up)
+    summary["big_down"] = report("1 GiB down (delivery -> inbox)", down)
+    summary["big_peak_rss_mib"] = max(peak)
+    print(f"  s3-exchange peak RSS {max(peak):.1f} MiB (target < 128 MiB)")
+
+
+def scenario_small(work, client, summary):
+    up = {"s3-exchange": [], "s5cmd": [], "rclone": [], "aws": []}
+    down = {"s3-exchange": [], "s5cmd": [], "rclone": [], "aws": []}
+    body = os.urandom(4096)
+    for r in range(ROUNDS):
+        src = os.path.join(work, f"small-{r}")
+        os.makedirs(src)
+        for i in range(1000):
+            with open(os.path.join(src, f"f{i:04d}"), "wb") as f:
+                f.write(body)
+        put_many(client, f"Delivery/small-{r}/", 1000, body)
+        d = Daemon(os.path.join(work, f"smalld-{r}"))
+        t0 = time.monotonic()
+        shutil.copytree(src, os.path.join(d.base, "staging"))
+        os.rename(os.path.join(d.base, "staging"), os.path.join(d.base, "outbox", "batch"))
+        wait_until("1000 uploads", lambda: count_files(os.path.join(d.base, "sent")) == 1000, step=0.02)
+        up["s3-exchange"].append(time.monotonic() - t0)
+        t0 = time.monotonic()
+        d.poll_now()
+        wait_until("1000 deliveries", lambda: count_files(os.path.join(d.base, "inbox", f"small-{r}")) == 1000 if os.path.isdir(os.path.join(d.base, "inbox", f"small-{r}")) else False, step=0.02)
+        down["s3-exchange"].append(time.monotonic() - t0)
+        d.stop()
+        up["s5cmd"].append(timed([S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", f"{src}/*", f"s3://{BUCKET}/Submissions/s5-small-{r}/"]))
+        up["rclone"].append(timed(["rclone", "copy", "--transfers", "16", src, f"rgw:{BUCKET}/Submissions/rc-small-{r}/"]))
+        up["aws"].append(timed([AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/aws-small-{r}/"]))
+        for peer, cmd in (
+            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/small-{r}/*", os.path.join(work, "dl") + "/"]),
+            ("rclone", ["rclone", "copy", "--transfers", "16", f"rgw:{BUCKET}/Delivery/small-{r}/", os.path.join(work, "dl")]),
+            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", f"s3://{BUCKET}/Delivery/small-{r}/", os.path.join(work, "dl")]),
+        ):
+            down[peer].append(timed(cmd))
+            shutil.rmtree(os.path.join(work, "dl"))
+        shutil.rmtree(d.base)
+        shutil.rmtree(src)
+    summary["small_up"] = report("1,000 x 4 KiB up", up)
+    summary["small_down"] = report("1,000 x 4 KiB down", down)
+
+
+def scenario_poll_and_idle(work, client, summary):
+    print(f"\n(setting up {POLL_OBJECTS} objects under Delivery/many/ ...)", flush=True)
+    put_many(client, "Delivery/many/", POLL_OBJECTS, b"k")
+    d = Daemon(os.path.join(work, "poll"), poll_interval="1h")
+    wait_until("the first full pass", lambda: polls_done(d) >= 1, timeout=3600, step=0.5)
+    cpu, rss, gets = [], [], []
+    for _ in range(ROUNDS):
+        before_polls, before_cpu = polls_done(d), cpu_seconds(d.pid)
+        before_gets = sum(1 for e in d.events() if e.get("fields", {}).get("direction") == "download")
+        d.poll_now()
+        wait_until("a steady-state poll", lambda: polls_done(d) > before_polls, timeout=600, step=0.05)
+        cpu.append(cpu_seconds(d.pid) - before_cpu)
+        rss.append(proc_status(d.pid, "VmRSS"))
+        gets.append(sum(1 for e in d.events() if e.get("fields", {}).get("direction") == "download") - before_gets)
+    print(f"\n## steady-state poll of {POLL_OBJECTS} known objects")
+    print(f"  CPU s per poll: median {median(cpu):.3f} {['%.3f' % c for c in cpu]} (target < 1 s per 100,000)")
+    print(f"  GETs per poll: {gets} (target 0); LIST requests per poll: {POLL_OBJECTS // 1000 + 1}")
+    print(f"  resident memory after polls: {max(rss):.1f} MiB")
+    summary["poll_cpu_s"] = median(cpu)
+    summary["poll_gets"] = max(gets)
+    summary["poll_rss_mib"] = max(rss)
+    d.stop()
+    # Idle: the same ledger, default intervals, nothing to do.
+    d = Daemon(os.path.join(work, "poll"), poll_interval="30s")
+    wait_until("start-up poll", lambda: polls_done(d) >= 1, timeout=600, step=0.5)
+    c0 = cpu_seconds(d.pid)
+    time.sleep(IDLE_SECONDS)  # measuring an idle period is the point here, not a synchronisation
+    idle_cpu = cpu_seconds(d.pid) - c0
+    idle_rss = proc_status(d.pid, "VmRSS")
+    share = idle_cpu / IDLE_SECONDS * 100
+    print(f"\n## idle for {IDLE_SECONDS} s with {POLL_OBJECTS} ledger entries")
+    print(f"  CPU {idle_cpu:.3f} s = {share:.3f}% of a core (target < 0.1%, includes its polls); RSS {idle_rss:.1f} MiB (target < 32 MiB)")
+    summary["idle_cpu_percent"] = share
+    summary["idle_rss_mib"] = idle_rss
+    d.stop()
+
+
+def scenario_latency(work, client, summary):
+    d = Daemon(os.path.join(work, "latency"))
+    closes = {}
+    for i in range(LATENCY_FILES):
+        path = os.path.join(d.base, "outbox", f"lat-{i:04d}")
+        with open(path, "wb") as f:
+            f.write(b"x" * 1024)
+        closes[f"Submissions/lat-{i:04d}"] = time.time()
+        time.sleep(0.02)  # pacing the producer, not synchronisation
+    wait_until("all latency uploads", lambda: count_files(os.path.join(d.base, "sent")) == LATENCY_FILES, step=0.05)
+    d.stop()
+    started = {}
+    for e in d.events():
+        f = e.get("fields", {})
+        if f.get("message") == "transfer started" and f.get("key") in closes:
+            ts = e["timestamp"]
+            started[f["key"]] = parse_ts(ts)
+    lat = sorted((started[k] - closes[k]) * 1000 - SETTLE_MS for k in started)
+    p50 = lat[len(lat) // 2]
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    print(f"\n## detection latency over {len(lat)} files (beyond settle = {SETTLE_MS} ms)")
+    print(f"  p50 {p50:.1f} ms, p99 {p99:.1f} ms (target p99 < 100 ms)")
+    summary["latency_p50_ms"] = p50
+    summary["latency_p99_ms"] = p99
+
+
+def parse_ts(ts):
+    m = re.match(r"(\d+)-(\d+)-(\d+)T(\d+):(\d+):(\d+)(\.\d+)?Z", ts)
+    import calendar
+
+    secs = calendar.timegm(tuple(int(x) for x in m.groups()[:6]))
+    return secs + float(m.group(7) or 0)
+
+
+def main():
+    scenarios = sys.argv[1:] or ["big", "small", "latency", "poll"]
+    client = s3()
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    summary = {}
+    with tempfile.TemporaryDirectory(prefix="s3x-bench-", dir=os.environ.get("BENCH_DIR")) as work:
+        for s in scenarios:
+            {"big": scenario_big, "small": scenario_small, "latency": scenario_latency, "poll": scenario_poll_and_idle}[s](work, client, summary)
+    print("\nsummary (JSON):", json.dumps(summary, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
