@@ -199,12 +199,7 @@ fn hostile_course(
     // Then the wire and the log.
     let mut problems = Vec::new();
     let requests = bed.proxy.requests();
-    let poll_starts: Vec<usize> = requests
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| bed.is_poll_start(r))
-        .map(|(i, _)| i)
-        .collect();
+    let poll_starts = bed.poll_start_indices(&requests);
     let (first, second) = (poll_starts[0], poll_starts[1]);
     for (rel, _) in normal {
         let key = bed.key(rel);
@@ -639,7 +634,7 @@ fn an_object_overwritten_between_listing_and_get_is_listed_again_and_fetched_new
             .collect()
     };
     let gets = index_of(&|r| bed.is_get_of(r, &key));
-    let polls = index_of(&|r| bed.is_poll_start(r));
+    let polls = bed.poll_start_indices(&requests);
     let summary = bed.proxy.summary();
     assert_eq!(gets.len(), 2, "GETs of {key}\n{summary}");
     let (first, second) = (&requests[gets[0]], &requests[gets[1]]);

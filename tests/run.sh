@@ -40,7 +40,7 @@ log "starting the interop servers (Ceph RADOS Gateway, moto)"
 interop_up
 
 log "cargo test (unit, integration and interop tests)"
-cargo test --all-targets --locked -- --test-threads "${TEST_THREADS:-4}"
+cargo test --all-targets --locked --no-fail-fast -- --test-threads "${TEST_THREADS:-4}"
 
 # The .deb and .rpm (packaging/build.sh) of the dev build the tests just made, only when
 # cargo-deb and cargo-generate-rpm are already installed: installing them costs about 3

@@ -442,9 +442,29 @@ dir = "{log}"
                 .is_some_and(|k| k.starts_with(&self.settings.delivery_prefix))
     }
 
+    /// Indices of the requests that start a poll. A first page listed again right away
+    /// with `encoding-type=url` (the daemon's answer to a listing XML cannot carry) is
+    /// the same poll, not a new one.
+    pub fn poll_start_indices(&self, requests: &[Recorded]) -> Vec<usize> {
+        let mut starts: Vec<usize> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            if !self.is_poll_start(r) {
+                continue;
+            }
+            let retry = i > 0
+                && starts.last() == Some(&(i - 1))
+                && r.query.contains("encoding-type=url")
+                && !requests[i - 1].query.contains("encoding-type=url");
+            if !retry {
+                starts.push(i);
+            }
+        }
+        starts
+    }
+
     /// How many polls the daemon has started.
     pub fn polls_started(&self) -> usize {
-        self.proxy.count(|r| self.is_poll_start(r))
+        self.poll_start_indices(&self.proxy.requests()).len()
     }
 
     /// Every GET of `key` so far, in order.
