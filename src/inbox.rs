@@ -273,13 +273,9 @@ impl Inbox {
             }
         };
         let root_path = self.root.path().to_owned();
-        let landed = {
-            let rel = rel.clone();
-            let record = record.clone();
-            let temp = temp.clone();
-            let this_root = &self.root;
-            tokio::task::block_in_place(|| land(this_root, &rel, &temp, md5, size, record.as_ref()))
-        };
+        let landed = tokio::task::block_in_place(|| {
+            land(&self.root, &rel, &temp, md5, size, record.as_ref())
+        });
         let (landed_rel, stamp) = match landed {
             Ok(done) => done,
             Err(LandError::Blocked(reason)) => {
