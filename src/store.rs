@@ -508,6 +508,8 @@ where
     let kind = match &err {
         SdkError::ServiceError(_) | SdkError::ResponseError(_) => Failure::Response,
         SdkError::TimeoutError(_) => Failure::Timeout,
+        // A body stream that failed is our file (vanished, unreadable), not the network.
+        SdkError::DispatchFailure(f) if f.is_user() => Failure::LocalBody,
         SdkError::DispatchFailure(_) => Failure::Dispatch,
         _ => Failure::Construction,
     };
@@ -543,12 +545,14 @@ pub enum Failure {
     Dispatch,
     /// The request could not be built.
     Construction,
+    /// The request body (a local file) could not be read while it was being sent.
+    LocalBody,
 }
 
 /// The one place that decides whether an S3 failure is worth retrying.
 pub fn classify(failure: Failure, status: Option<u16>, code: Option<&str>) -> Class {
     match failure {
-        Failure::Timeout | Failure::Dispatch => return Class::Transient,
+        Failure::Timeout | Failure::Dispatch | Failure::LocalBody => return Class::Transient,
         Failure::Construction => return Class::Permanent,
         Failure::Response => {}
     }
@@ -636,6 +640,7 @@ mod tests {
     fn network_trouble_and_throttling_are_transient() {
         assert_eq!(classify(Failure::Timeout, None, None), Class::Transient);
         assert_eq!(classify(Failure::Dispatch, None, None), Class::Transient);
+        assert_eq!(classify(Failure::LocalBody, None, None), Class::Transient);
         assert_eq!(
             classify(Failure::Response, Some(503), Some("SlowDown")),
             Class::Transient
