@@ -34,9 +34,18 @@ pub struct Rescan {
 }
 
 impl Rescan {
-    fn request(&self) {
-        crate::status::STATS.watcher_overflow();
-        self.wanted.store(true, Ordering::SeqCst);
+    /// Raises the flag. An overflow is counted (and a full queue logged) once per episode,
+    /// from the first lost hint until the worker lowers the flag, not once per lost hint.
+    fn request(&self, queue_full: bool) {
+        if !self.wanted.swap(true, Ordering::SeqCst) {
+            crate::status::STATS.watcher_overflow();
+            if queue_full {
+                tracing::info!(
+                    capacity = QUEUE,
+                    "the watcher's queue is full: the outbox is walked instead"
+                );
+            }
+        }
         self.notify.notify_one();
     }
 }
@@ -62,12 +71,12 @@ pub fn watch(dir: &Path) -> Result<(Watcher, Hints, Arc<Rescan>), notify::Error>
         move |res: notify::Result<notify::Event>| match res {
             Ok(event) if event.need_rescan() => {
                 tracing::warn!("the watcher lost events (queue overflow): rescanning the outbox");
-                flag.request();
+                flag.request(false);
             }
             Ok(event) if is_interesting(&event.kind) => {
                 for path in event.paths {
                     if tx.try_send(path).is_err() {
-                        flag.request();
+                        flag.request(true);
                         break;
                     }
                 }
@@ -75,7 +84,7 @@ pub fn watch(dir: &Path) -> Result<(Watcher, Hints, Arc<Rescan>), notify::Error>
             Ok(_) => {}
             Err(err) => {
                 report_error(&err);
-                flag.request();
+                flag.request(false);
             }
         },
         // Never follow symlinks: a link to a folder outside the outbox must not be

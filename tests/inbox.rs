@@ -577,6 +577,7 @@ fn an_object_overwritten_between_listing_and_get_is_listed_again_and_fetched_new
 
     // Just before the daemon's first GET of each: the owner overwrites / deletes it.
     let (etag2_tx, etag2_rx) = mpsc::channel();
+    let (overwritten, deleted);
     {
         let (endpoint, bucket, key, v2) = (
             bed.server_endpoint.clone(),
@@ -584,7 +585,7 @@ fn an_object_overwritten_between_listing_and_get_is_listed_again_and_fetched_new
             key.clone(),
             v2.clone(),
         );
-        bed.hooks.before_get(&key.clone(), move || {
+        overwritten = bed.proxy.before_get(&bed.bucket, &key.clone(), move || {
             let etag2 = Owner::new(&endpoint, &bucket).put(&key, &v2);
             etag2_tx.send(etag2).expect("the test is waiting");
         });
@@ -595,7 +596,7 @@ fn an_object_overwritten_between_listing_and_get_is_listed_again_and_fetched_new
             bed.bucket.clone(),
             gone.clone(),
         );
-        bed.hooks.before_get(&gone.clone(), move || {
+        deleted = bed.proxy.before_get(&bed.bucket, &gone.clone(), move || {
             Owner::new(&endpoint, &bucket).delete(&gone);
         });
     }
@@ -667,8 +668,8 @@ fn an_object_overwritten_between_listing_and_get_is_listed_again_and_fetched_new
         1,
         "{summary}"
     );
-    assert_eq!(bed.hooks.fired(&key), 1);
-    assert_eq!(bed.hooks.fired(&gone), 1);
+    assert_eq!(overwritten.count(), 1);
+    assert_eq!(deleted.count(), 1);
     bed.assert_inbox_holds(&["report.bin", "stable.txt"]);
     bed.assert_nothing_outside();
 }
@@ -687,8 +688,10 @@ fn a_damaged_download_is_discarded_and_fetched_again() {
     let crc_bytes = random_bytes(MIB / 2 + 7, 62);
     bed.owner.put(&md5_key, &md5_bytes);
     bed.extra.put_with_crc32(&crc_key, &crc_bytes);
-    bed.hooks.corrupt_gets(&md5_key, 1);
-    bed.hooks.corrupt_gets(&crc_key, 1);
+    let damaged = [
+        bed.proxy.corrupt_gets(&bed.bucket, &md5_key, 1),
+        bed.proxy.corrupt_gets(&bed.bucket, &crc_key, 1),
+    ];
 
     bed.start();
     let files = [
@@ -719,8 +722,8 @@ fn a_damaged_download_is_discarded_and_fetched_again() {
     bed.stop();
 
     let summary = bed.proxy.summary();
-    for key in [&md5_key, &crc_key] {
-        assert_eq!(bed.hooks.corrupted(key), 1, "{key}: damaged bodies");
+    for (key, damaged) in [&md5_key, &crc_key].into_iter().zip(&damaged) {
+        assert_eq!(damaged.count(), 1, "{key}: damaged bodies");
         let gets = bed.gets_of(key);
         assert_eq!(
             gets.len(),

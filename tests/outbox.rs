@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use common::outbox::{
     is_abort_multipart_of, is_complete_multipart_of, is_create_multipart_of, is_put_object,
     is_put_object_of, is_upload_part_of, keys_written, kill_9, part_number, proc_status_kib,
-    rescans, stderr_lines_with, upload_id, wait_for_rescans, wait_until_watching,
+    rescans, send_signal, stderr_lines_with, upload_id, wait_for_rescans, wait_until_watching,
     with_outbox_lines, with_outbox_value, with_table_lines,
 };
 use common::{
-    Exchange, Recorded, Settings, assert_same_bytes, files_under, random_bytes, read_file,
+    Exchange, Fault, Recorded, Settings, assert_same_bytes, files_under, random_bytes, read_file,
     write_file, write_slowly,
 };
 
@@ -419,10 +419,13 @@ fn folder_trees_moved_in_or_created_at_once_are_sent_entirely() {
 // Scale
 // ---------------------------------------------------------------------------------------
 
-/// 10,000 small files written into the outbox as fast as possible while the daemon runs.
-/// The watcher's queue (4096 hints) and the pending queue (4096 files) both overflow; only
-/// the rescans they trigger can find the rest (the periodic rescan is an hour away). Every
-/// file arrives exactly once with its bytes, and the daemon's peak RSS stays bounded.
+/// 10,000 small files written into the outbox as fast as possible. The first 9,000 arrive
+/// while the daemon is stopped (SIGSTOP), so the kernel's inotify queue
+/// (`fs.inotify.max_queued_events`, 16384 by default; each file makes at least two events)
+/// overflows for certain; the last 1,000 arrive while it runs and fill its own queues (4096
+/// hints, 4096 pending files). Only the rescans the overflows trigger can find the files
+/// (the periodic rescan is an hour away). Every file arrives exactly once with its bytes,
+/// and the daemon's peak RSS stays bounded.
 ///
 /// Bytes are checked in the server's storage (s3s-fs keeps each object as a plain file)
 /// for all 10,000 and through the owner's GET for a sample: 10,000 GETs of the debug-built
@@ -447,8 +450,18 @@ fn ten_thousand_files_dropped_at_once_are_all_sent_with_bounded_memory() {
     wait_until_watching(&ex);
     let pid = ex.daemon().pid();
 
+    const WHILE_STOPPED: usize = 9_000;
+    let kernel_queue: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(16_384);
     let started = Instant::now();
-    for i in 0..FILES {
+    send_signal(ex.daemon(), "STOP");
+    for i in 0..WHILE_STOPPED {
+        write_file(&ex.outbox.join(name(i)), &content(i));
+    }
+    send_signal(ex.daemon(), "CONT");
+    for i in WHILE_STOPPED..FILES {
         write_file(&ex.outbox.join(name(i)), &content(i));
     }
     let written = started.elapsed();
@@ -483,6 +496,23 @@ fn ten_thousand_files_dropped_at_once_are_all_sent_with_bounded_memory() {
          overflows {overflows}",
         peak_kib as f64 / 1024.0,
     );
+    if 2 * WHILE_STOPPED > kernel_queue {
+        assert!(
+            overflows >= 1,
+            "{WHILE_STOPPED} files written while the daemon was stopped overflow an inotify \
+             queue of {kernel_queue} events, but the daemon counted no overflow"
+        );
+        let lines = stderr_lines_with(&ex, &["lost events", "rescanning"]);
+        assert!(
+            !lines.is_empty(),
+            "no log line says the watcher lost events"
+        );
+    } else {
+        eprintln!(
+            "fs.inotify.max_queued_events = {kernel_queue}: {WHILE_STOPPED} files may not \
+             overflow it, so the kernel overflow is not asserted"
+        );
+    }
     assert!(
         walks > 1,
         "only the start-up walk ran: the burst did not overflow a queue, so this run did \
@@ -1467,6 +1497,125 @@ fn a_file_the_server_keeps_refusing_is_retried_with_growing_backoff_and_stalls_n
     assert!(
         ex.outbox.join(&refused).exists(),
         "the refused file left the outbox"
+    );
+}
+
+/// Permanent refusals, as AWS words them, injected by the proxy in front of the real
+/// server for three files (no server here disables ACLs or checks bucket names per request):
+/// AccessDenied on a PUT, AccessControlListNotSupported on the CreateMultipartUpload of a
+/// large file (the ACL goes there) and InvalidBucketName. Each file is quarantined once with
+/// the likely cause and the setting to check, stays in the outbox, is not tried again by
+/// later walks, and stalls none of the files dropped with it. Once the cause is gone, a
+/// change to the file sends it.
+#[test]
+fn permanently_refused_files_are_quarantined_with_the_likely_cause_and_the_others_go() {
+    let mut ex = Exchange::with(quick_rescans());
+    // (file, status, code, message, what the line must point the user to)
+    let refusals: [(&str, u16, &'static str, &'static str, &str); 3] = [
+        (
+            "denied.txt",
+            403,
+            "AccessDenied",
+            "Access Denied",
+            "bucket policy",
+        ),
+        (
+            "no-acls.bin",
+            400,
+            "AccessControlListNotSupported",
+            "The bucket does not allow ACLs",
+            "s3.acl",
+        ),
+        (
+            "bad-bucket.txt",
+            400,
+            "InvalidBucketName",
+            "The specified bucket is not valid.",
+            "s3.bucket",
+        ),
+    ];
+    let mut faults = Vec::new();
+    for (rel, status, code, message, _) in refusals {
+        let key = ex.submission_key(rel);
+        let creates = move |r: &Recorded| {
+            r.key_in(common::BUCKET).as_deref() == Some(key.as_str())
+                && ((r.method == "PUT" && !r.has_query_param("partNumber"))
+                    || (r.method == "POST" && r.has_query_param("uploads")))
+        };
+        let fault = Fault::Error {
+            status,
+            code,
+            message,
+        };
+        faults.push(ex.proxy.inject(creates, fault, usize::MAX));
+        let bytes = if rel.ends_with(".bin") {
+            random_bytes(6 * MIB + 3, 230)
+        } else {
+            rel.as_bytes().to_vec()
+        };
+        write_file(&ex.outbox.join(rel), &bytes);
+    }
+    let good: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|i| {
+            (
+                format!("good/{i}.dat"),
+                random_bytes(700 + i, 240 + i as u64),
+            )
+        })
+        .collect();
+    for (rel, bytes) in &good {
+        write_file(&ex.outbox.join(rel), bytes);
+    }
+    ex.start();
+
+    let quarantined = |rel: &str| {
+        let path = ex.outbox.join(rel).display().to_string();
+        stderr_lines_with(&ex, &["quarantined", &path])
+    };
+    ex.wait_for("the three refused files quarantined", || {
+        refusals
+            .iter()
+            .all(|(rel, ..)| !quarantined(rel).is_empty())
+    });
+    ex.wait_for("the good files in sent/", || {
+        good.iter().all(|(rel, _)| moved_to_sent(&ex, rel))
+    });
+    for (rel, bytes) in &good {
+        assert_object(&ex, &ex.submission_key(rel), bytes);
+    }
+    let walks = rescans(&ex);
+    wait_for_rescans(&ex, walks, 2);
+    for ((rel, _, code, _, advice), fault) in refusals.iter().zip(&faults) {
+        let lines = quarantined(rel);
+        assert_eq!(lines.len(), 1, "{rel}: {lines:#?}\n{}", ex.diagnostics());
+        assert!(
+            lines[0].contains(code) && lines[0].contains(advice),
+            "{rel}: the line must say {code} and point to {advice}: {}",
+            lines[0]
+        );
+        assert_eq!(
+            fault.count(),
+            1,
+            "{rel} was tried again although the refusal is permanent\n{}",
+            ex.proxy.summary()
+        );
+        assert!(ex.outbox.join(rel).exists(), "{rel} left the outbox");
+    }
+    assert_eq!(
+        ex.owner.list("Submissions/").len(),
+        good.len(),
+        "{}",
+        ex.proxy.summary()
+    );
+
+    // The owner fixes the policy; the user touches the file: it goes.
+    ex.proxy.clear_faults();
+    append(&ex.outbox.join("denied.txt"), b" now allowed\n");
+    ex.wait_for("denied.txt in sent/", || moved_to_sent(&ex, "denied.txt"));
+    assert_object(
+        &ex,
+        &ex.submission_key("denied.txt"),
+        b"denied.txt now allowed\n",
     );
 }
 

@@ -52,6 +52,42 @@ pub struct Daemon {
     stderr_path: PathBuf,
 }
 
+/// Polls `cond` every `every` until it holds, for up to `timeout`, while the daemon runs
+/// (`exited` says when it stopped): the one wait every fixture builds on. Fails at once if
+/// the daemon exits meanwhile (after one
+/// last look: it may have finished the work and then exited); failures name `what` and show
+/// `diagnostics()`.
+#[track_caller]
+pub fn wait_while_running(
+    exited: impl Fn() -> Option<ExitStatus>,
+    what: &str,
+    (timeout, every): (Duration, Duration),
+    mut cond: impl FnMut() -> bool,
+    diagnostics: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        if let Some(status) = exited() {
+            if cond() {
+                return;
+            }
+            panic!(
+                "the daemon exited ({status}) while waiting for {what}\n{}",
+                diagnostics()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            diagnostics()
+        );
+        thread::sleep(every);
+    }
+}
+
 impl Daemon {
     /// Spawns `s3-exchange --config <config> <subcommand>`; stderr goes to `stderr_path`,
     /// stdout beside it with the extension `.stdout`.

@@ -10,7 +10,7 @@ use tempfile::TempDir;
 
 use super::daemon::{self, Daemon, Finished};
 use super::owner::Owner;
-use super::proxy::{Recorded, RecordingProxy};
+use super::proxy::{Proxy, Recorded};
 use super::server::S3Server;
 use super::{POLL, TIMEOUT, files_under};
 
@@ -67,7 +67,7 @@ pub struct Exchange {
     /// The stderr file of the latest run (daemon or command), quoted by failure messages.
     last_stderr: Option<PathBuf>,
     pub owner: Owner,
-    pub proxy: RecordingProxy,
+    pub proxy: Proxy,
     pub server: S3Server,
     pub settings: Settings,
     pub root: PathBuf,
@@ -81,63 +81,22 @@ pub struct Exchange {
     dir: Option<TempDir>,
 }
 
-impl Exchange {
-    /// The default settings (ACL on, settle 300 ms, poll 500 ms, 5 MiB parts).
-    pub fn new() -> Self {
-        Self::with(Settings::default())
-    }
+/// The daemon's folders in a test's world.
+pub struct DaemonFolders<'a> {
+    pub outbox: &'a Path,
+    pub sent: &'a Path,
+    pub inbox: &'a Path,
+    pub state: &'a Path,
+    pub log: &'a Path,
+}
 
-    /// Folders, server, proxy, bucket and config file; the daemon is not started.
-    pub fn with(settings: Settings) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("s3-exchange-test-")
-            .tempdir()
-            .expect("create the test's temporary folder");
-        let root = dir.path().to_path_buf();
-        let folder = |name: &str| {
-            let path = root.join(name);
-            fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-            path
-        };
-        let (outbox, inbox, sent, state, log) = (
-            folder("outbox"),
-            folder("inbox"),
-            folder("sent"),
-            folder("state"),
-            folder("log"),
-        );
-        let server = S3Server::start(&folder("s3"));
-        let proxy = RecordingProxy::start(&server.endpoint());
-        let owner = Owner::new(&server.endpoint(), BUCKET);
-        owner.create_bucket(BUCKET);
-        let exchange = Self {
-            daemon: None,
-            runs: 0,
-            last_stderr: None,
-            owner,
-            proxy,
-            server,
-            settings,
-            config_path: root.join("s3-exchange.toml"),
-            root,
-            outbox,
-            inbox,
-            sent,
-            state,
-            log,
-            dir: Some(dir),
-        };
-        exchange.write_config(&exchange.config_text());
-        exchange
-    }
-
-    /// The config file for the current settings; the daemon talks to the proxy.
-    pub fn config_text(&self) -> String {
-        let s = &self.settings;
-        let path = |p: &Path| p.display().to_string();
-        format!(
-            r#"[s3]
-bucket = "{BUCKET}"
+/// The config file every test fixture writes: `settings` over a bucket reached through
+/// `endpoint` (path-style, the test's proxy), with the daemon's folders in `folders`.
+pub fn config_toml(bucket: &str, endpoint: &str, folders: &DaemonFolders, s: &Settings) -> String {
+    let path = |p: &Path| p.display().to_string();
+    format!(
+        r#"[s3]
+bucket = "{bucket}"
 region = "us-east-1"
 endpoint_url = "{endpoint}"
 force_path_style = true
@@ -170,24 +129,117 @@ level = "{log_level}"
 format = "text"
 dir = "{log}"
 "#,
-            endpoint = self.proxy.endpoint(),
-            acl = s.acl,
-            checksums = s.checksums,
-            outbox = path(&self.outbox),
-            submissions_prefix = s.submissions_prefix,
-            settle = s.settle,
-            rescan_interval = s.rescan_interval,
-            after_upload = s.after_upload,
-            sent = path(&self.sent),
-            inbox = path(&self.inbox),
-            delivery_prefix = s.delivery_prefix,
-            poll_interval = s.poll_interval,
-            state = path(&self.state),
-            concurrency = s.concurrency,
-            multipart_threshold = s.multipart_threshold,
-            part_size = s.part_size,
-            log_level = s.log_level,
-            log = path(&self.log),
+        acl = s.acl,
+        checksums = s.checksums,
+        outbox = path(folders.outbox),
+        submissions_prefix = s.submissions_prefix,
+        settle = s.settle,
+        rescan_interval = s.rescan_interval,
+        after_upload = s.after_upload,
+        sent = path(folders.sent),
+        inbox = path(folders.inbox),
+        delivery_prefix = s.delivery_prefix,
+        poll_interval = s.poll_interval,
+        state = path(folders.state),
+        concurrency = s.concurrency,
+        multipart_threshold = s.multipart_threshold,
+        part_size = s.part_size,
+        log_level = s.log_level,
+        log = path(folders.log),
+    )
+}
+
+/// Asserts `inbox` holds exactly the files `expected` (relative, `/`-separated, any order;
+/// symlinks count as entries): no temporary or hidden file anywhere, and the daemon's own
+/// temp folder, if it exists, is empty.
+#[track_caller]
+pub fn assert_inbox_holds(inbox: &Path, expected: &[&str], diagnostics: &str) {
+    let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(
+        files_under(inbox),
+        expected,
+        "inbox contents\n{}",
+        diagnostics
+    );
+    let temp = inbox.join(INBOX_TEMP_DIR);
+    if let Ok(entries) = fs::read_dir(&temp) {
+        let left: Vec<_> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{} is not empty: {left:?}\n{}",
+            temp.display(),
+            diagnostics
+        );
+    }
+}
+
+impl Exchange {
+    /// The default settings (ACL on, settle 300 ms, poll 500 ms, 5 MiB parts).
+    pub fn new() -> Self {
+        Self::with(Settings::default())
+    }
+
+    /// Folders, server, proxy, bucket and config file; the daemon is not started.
+    pub fn with(settings: Settings) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("s3-exchange-test-")
+            .tempdir()
+            .expect("create the test's temporary folder");
+        let root = dir.path().to_path_buf();
+        let folder = |name: &str| {
+            let path = root.join(name);
+            fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+            path
+        };
+        let (outbox, inbox, sent, state, log) = (
+            folder("outbox"),
+            folder("inbox"),
+            folder("sent"),
+            folder("state"),
+            folder("log"),
+        );
+        let server = S3Server::start(&folder("s3"));
+        let proxy = Proxy::start(&server.endpoint());
+        let owner = Owner::new(&server.endpoint(), BUCKET);
+        owner.create_bucket(BUCKET);
+        let exchange = Self {
+            daemon: None,
+            runs: 0,
+            last_stderr: None,
+            owner,
+            proxy,
+            server,
+            settings,
+            config_path: root.join("s3-exchange.toml"),
+            root,
+            outbox,
+            inbox,
+            sent,
+            state,
+            log,
+            dir: Some(dir),
+        };
+        exchange.write_config(&exchange.config_text());
+        exchange
+    }
+
+    /// The config file for the current settings; the daemon talks to the proxy.
+    pub fn config_text(&self) -> String {
+        config_toml(
+            BUCKET,
+            &self.proxy.endpoint(),
+            &DaemonFolders {
+                outbox: &self.outbox,
+                sent: &self.sent,
+                inbox: &self.inbox,
+                state: &self.state,
+                log: &self.log,
+            },
+            &self.settings,
         )
     }
 
@@ -248,29 +300,14 @@ dir = "{log}"
     /// Polls `cond` every 20 ms for up to [`TIMEOUT`]. Fails at once if the daemon exits
     /// meanwhile, and on timeout names `what` and shows the daemon's stderr.
     #[track_caller]
-    pub fn wait_for(&self, what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if cond() {
-                return;
-            }
-            if let Some(status) = self.daemon.as_ref().and_then(Daemon::try_exit) {
-                // One last look: the daemon may have finished the work and then exited.
-                if cond() {
-                    return;
-                }
-                panic!(
-                    "the daemon exited ({status}) while waiting for {what}\n{}",
-                    self.diagnostics()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {TIMEOUT:?} waiting for {what}\n{}",
-                self.diagnostics()
-            );
-            thread::sleep(POLL);
-        }
+    pub fn wait_for(&self, what: &str, cond: impl FnMut() -> bool) {
+        daemon::wait_while_running(
+            || self.daemon.as_ref().and_then(Daemon::try_exit),
+            what,
+            (TIMEOUT, POLL),
+            cond,
+            || self.diagnostics(),
+        );
     }
 
     /// Object key for a file at `rel` in the outbox.
@@ -324,27 +361,7 @@ dir = "{log}"
     /// exists, is empty.
     #[track_caller]
     pub fn assert_inbox_holds(&self, expected: &[&str]) {
-        let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
-        expected.sort();
-        assert_eq!(
-            files_under(&self.inbox),
-            expected,
-            "inbox contents\n{}",
-            self.diagnostics()
-        );
-        let temp = self.inbox.join(INBOX_TEMP_DIR);
-        if let Ok(entries) = fs::read_dir(&temp) {
-            let left: Vec<_> = entries
-                .filter_map(Result::ok)
-                .map(|e| e.file_name())
-                .collect();
-            assert!(
-                left.is_empty(),
-                "{} is not empty: {left:?}\n{}",
-                temp.display(),
-                self.diagnostics()
-            );
-        }
+        assert_inbox_holds(&self.inbox, expected, &self.diagnostics());
     }
 
     /// Requests the daemon's user has no right to make in the real deployment, each with the

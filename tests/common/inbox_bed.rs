@@ -11,16 +11,14 @@
 //! s3/                  s3s-fs's data (in-process backend only)
 //! ```
 //!
-//! The daemon talks to a [`RecordingProxy`] (what it sent, what it got), which forwards to a
-//! [`HookProxy`] (where a test overwrites an object just before its GET, or damages a body),
-//! which forwards to the server. The owner talks to the server directly. Every wait polls a
+//! The daemon talks to the harness's [`Proxy`] (what it sent, what it got; where a test
+//! overwrites an object just before its GET, or damages a body), which forwards to the
+//! server. The owner talks to the server directly. Every wait polls a
 //! condition until a deadline; nothing sleeps to synchronise.
 
-mod hook_proxy;
 mod owner_extra;
 mod tmpfs;
 
-pub use hook_proxy::HookProxy;
 pub use owner_extra::OwnerExtra;
 pub use tmpfs::Tmpfs;
 
@@ -37,10 +35,8 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use super::daemon::{self, Daemon};
-use super::fixture::INBOX_TEMP_DIR;
-use super::{
-    Owner, POLL, Recorded, RecordingProxy, S3Server, Settings, TIMEOUT, files_under, write_file,
-};
+use super::fixture::{DaemonFolders, INBOX_TEMP_DIR, assert_inbox_holds, config_toml};
+use super::{Owner, POLL, Proxy, Recorded, S3Server, Settings, TIMEOUT, files_under, write_file};
 
 /// Where a [`Bed`] keeps its canary, relative to its root: a folder next to the inbox.
 pub const CANARY_FILE: &str = "canary/secret.txt";
@@ -117,10 +113,8 @@ pub struct Bed {
     pub owner: Owner,
     /// Puts the harness's owner cannot make (refusable, multipart, with a checksum).
     pub extra: OwnerExtra,
-    /// What the daemon talks to: every request and its status.
-    pub proxy: RecordingProxy,
-    /// Behind the recording proxy: overwrite-before-GET and body damage.
-    pub hooks: HookProxy,
+    /// What the daemon talks to: every request and its status, and the faults tests inject.
+    pub proxy: Proxy,
     server: Option<S3Server>,
     /// The server's own endpoint (the owner's; the daemon's goes through the proxies).
     pub server_endpoint: String,
@@ -177,8 +171,7 @@ impl Bed {
             }
         };
         let bucket = unique_bucket();
-        let hooks = HookProxy::start(&server_endpoint, &bucket);
-        let proxy = RecordingProxy::start(&hooks.endpoint());
+        let proxy = Proxy::start(&server_endpoint);
         let owner = Owner::new(&server_endpoint, &bucket);
         owner.create_bucket(&bucket);
         let extra = OwnerExtra::new(&server_endpoint, &bucket);
@@ -190,7 +183,6 @@ impl Bed {
             owner,
             extra,
             proxy,
-            hooks,
             server,
             server_endpoint,
             bucket,
@@ -213,64 +205,19 @@ impl Bed {
         bed
     }
 
-    /// The config file for the current settings; the daemon talks to the recording proxy.
+    /// The config file for the current settings; the daemon talks to the proxy.
     pub fn config_text(&self) -> String {
-        let s = &self.settings;
-        let path = |p: &Path| p.display().to_string();
-        format!(
-            r#"[s3]
-bucket = "{bucket}"
-region = "us-east-1"
-endpoint_url = "{endpoint}"
-force_path_style = true
-acl = "{acl}"
-checksums = "{checksums}"
-
-[outbox]
-dir = "{outbox}"
-prefix = "{submissions_prefix}"
-settle = "{settle}"
-rescan_interval = "{rescan_interval}"
-after_upload = "{after_upload}"
-sent_dir = "{sent}"
-
-[inbox]
-dir = "{inbox}"
-prefix = "{delivery_prefix}"
-poll_interval = "{poll_interval}"
-
-[state]
-dir = "{state}"
-
-[transfer]
-concurrency = {concurrency}
-multipart_threshold = "{multipart_threshold}"
-part_size = "{part_size}"
-
-[log]
-level = "{log_level}"
-format = "text"
-dir = "{log}"
-"#,
-            bucket = self.bucket,
-            endpoint = self.proxy.endpoint(),
-            acl = s.acl,
-            checksums = s.checksums,
-            outbox = path(&self.outbox),
-            submissions_prefix = s.submissions_prefix,
-            settle = s.settle,
-            rescan_interval = s.rescan_interval,
-            after_upload = s.after_upload,
-            sent = path(&self.sent),
-            inbox = path(&self.inbox),
-            delivery_prefix = s.delivery_prefix,
-            poll_interval = s.poll_interval,
-            state = path(&self.state),
-            concurrency = s.concurrency,
-            multipart_threshold = s.multipart_threshold,
-            part_size = s.part_size,
-            log_level = s.log_level,
-            log = path(&self.log),
+        config_toml(
+            &self.bucket,
+            &self.proxy.endpoint(),
+            &DaemonFolders {
+                outbox: &self.outbox,
+                sent: &self.sent,
+                inbox: &self.inbox,
+                state: &self.state,
+                log: &self.log,
+            },
+            &self.settings,
         )
     }
 
@@ -390,29 +337,15 @@ dir = "{log}"
         what: &str,
         timeout: Duration,
         every: Duration,
-        mut cond: impl FnMut() -> bool,
+        cond: impl FnMut() -> bool,
     ) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if cond() {
-                return;
-            }
-            if let Some(status) = self.daemon.as_ref().and_then(Daemon::try_exit) {
-                if cond() {
-                    return;
-                }
-                panic!(
-                    "the daemon exited ({status}) while waiting for {what}\n{}",
-                    self.diagnostics()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}\n{}",
-                self.diagnostics()
-            );
-            thread::sleep(every);
-        }
+        daemon::wait_while_running(
+            || self.daemon.as_ref().and_then(Daemon::try_exit),
+            what,
+            (timeout, every),
+            cond,
+            || self.diagnostics(),
+        );
     }
 
     // ----- the wire ---------------------------------------------------------------------
@@ -620,27 +553,7 @@ dir = "{log}"
     /// as entries) and the daemon's temp folder is empty.
     #[track_caller]
     pub fn assert_inbox_holds(&self, expected: &[&str]) {
-        let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
-        expected.sort();
-        assert_eq!(
-            files_under(&self.inbox),
-            expected,
-            "inbox contents\n{}",
-            self.diagnostics()
-        );
-        let temp = self.inbox.join(INBOX_TEMP_DIR);
-        if let Ok(entries) = fs::read_dir(&temp) {
-            let left: Vec<_> = entries
-                .filter_map(Result::ok)
-                .map(|e| e.file_name())
-                .collect();
-            assert!(
-                left.is_empty(),
-                "{} is not empty: {left:?}\n{}",
-                temp.display(),
-                self.diagnostics()
-            );
-        }
+        assert_inbox_holds(&self.inbox, expected, &self.diagnostics());
     }
 }
 

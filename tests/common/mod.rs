@@ -1,5 +1,5 @@
-//! Shared harness for the end-to-end tests: a real S3-compatible server, a recording proxy in
-//! front of it, the bucket owner's client, and the real `s3-exchange` binary.
+//! Shared harness for the end-to-end tests: a real S3-compatible server, a recording, fault-injecting proxy
+//! in front of it, the bucket owner's client, and the real `s3-exchange` binary.
 //!
 //! Everything here is blocking so tests can be plain `#[test]` functions: the server and the
 //! proxy own their tokio runtimes, the owner's client owns a current-thread runtime. Nothing
@@ -24,10 +24,10 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub use daemon::{Daemon, Finished};
+pub use daemon::{Daemon, Finished, wait_while_running};
 pub use fixture::{BUCKET, Exchange, Settings};
 pub use owner::Owner;
-pub use proxy::{Recorded, RecordingProxy};
+pub use proxy::{Fault, Injected, Proxy, Recorded, get_of};
 pub use server::S3Server;
 
 /// How long any single wait may take before the test fails. Generous because the machine has

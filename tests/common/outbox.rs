@@ -151,16 +151,22 @@ pub fn wait_until_watching(ex: &Exchange) {
 /// `kill -9`: no shutdown, no flush beyond what the daemon already made durable.
 #[track_caller]
 pub fn kill_9(daemon: &Daemon) {
+    send_signal(daemon, "KILL");
+}
+
+/// Sends signal `name` (`KILL`, `STOP`, `CONT`, ...) to the running daemon.
+#[track_caller]
+pub fn send_signal(daemon: &Daemon, name: &str) {
     assert!(
         daemon.try_exit().is_none(),
-        "cannot kill -9: the daemon already exited\n{}",
+        "cannot send SIG{name}: the daemon already exited\n{}",
         daemon.stderr_tail()
     );
     let status = Command::new("kill")
-        .args(["-s", "KILL", &daemon.pid().to_string()])
+        .args(["-s", name, &daemon.pid().to_string()])
         .status()
-        .unwrap_or_else(|e| panic!("run kill -s KILL: {e}"));
-    assert!(status.success(), "kill -s KILL {} failed", daemon.pid());
+        .unwrap_or_else(|e| panic!("run kill -s {name}: {e}"));
+    assert!(status.success(), "kill -s {name} {} failed", daemon.pid());
 }
 
 /// A line of `/proc/PID/status` in KiB (`VmHWM` is the peak resident set size).
@@ -389,25 +395,14 @@ impl DaemonAs {
 
     /// Like [`Exchange::wait_for`], for this daemon.
     #[track_caller]
-    pub fn wait_for(&self, what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if cond() {
-                return;
-            }
-            if let Some(status) = self.try_exit() {
-                panic!(
-                    "the daemon exited ({status}) while waiting for {what}\n{}",
-                    self.diagnostics()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {TIMEOUT:?} waiting for {what}\n{}",
-                self.diagnostics()
-            );
-            thread::sleep(POLL);
-        }
+    pub fn wait_for(&self, what: &str, cond: impl FnMut() -> bool) {
+        super::daemon::wait_while_running(
+            || self.try_exit(),
+            what,
+            (TIMEOUT, POLL),
+            cond,
+            || self.diagnostics(),
+        );
     }
 
     /// The daemon's count of outbox walks, from its `status.json`.

@@ -1,23 +1,35 @@
-//! A recording HTTP/1.1 forwarding proxy, so tests can assert what the daemon put on the wire
-//! (headers such as `x-amz-acl`, which calls it makes and which it never makes).
+//! The one HTTP/1.1 proxy every test puts between the daemon and a real S3 server: it records
+//! what the daemon put on the wire (headers such as `x-amz-acl`, which calls it makes and
+//! which it never makes) and injects the faults a test asks for: an action at a precise
+//! moment (overwrite an object just before its GET), delays, S3 error replies (503
+//! SlowDown, AccessDenied, ...), connections reset mid-request or cut mid-response-body,
+//! damaged bodies, requests that are never answered, and an endpoint that refuses
+//! connections altogether.
 //!
 //! Requests are forwarded unchanged, Host header included: SigV4 signs the Host, so the
-//! upstream must see exactly what the client signed. Bodies are streamed, not buffered.
+//! upstream must see exactly what the client signed. Bodies are streamed, not buffered
+//! (except a body the test asked to damage).
 
-use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::runtime::Runtime;
+use tokio_util::sync::CancellationToken;
 
 /// One request as the proxy received it.
 #[derive(Debug, Clone)]
@@ -30,8 +42,11 @@ pub struct Recorded {
     pub query: String,
     /// Every header in the order received, names lower-case.
     pub headers: Vec<(String, String)>,
-    /// The upstream's status code; `None` while in flight or if the upstream was unreachable.
+    /// The status the daemon got (the upstream's, or an injected error's); `None` while in
+    /// flight, if the upstream was unreachable, or if the proxy never answered.
     pub status: Option<u16>,
+    /// The fault the proxy injected into this request, if any ([`Fault::name`]).
+    pub fault: Option<&'static str>,
 }
 
 impl Recorded {
@@ -86,7 +101,10 @@ impl Recorded {
         let status = self
             .status
             .map_or_else(|| "(no answer)".to_owned(), |s| s.to_string());
-        format!("{} {}{query} -> {status}", self.method, self.path)
+        let fault = self
+            .fault
+            .map_or_else(String::new, |f| format!(" [injected: {f}]"));
+        format!("{} {}{query} -> {status}{fault}", self.method, self.path)
     }
 
     /// Whether this request addresses `bucket` itself rather than an object in it.
@@ -127,7 +145,105 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// The error type of the bodies the proxy relays: the upstream's, or the cut it injects.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Something a test wants done at a precise moment; it may block (it runs on a thread of
+/// its own, and the request waits for it).
+pub type Action = Box<dyn FnOnce() + Send + 'static>;
+
+/// What the proxy does to a request a rule matches.
+pub enum Fault {
+    /// Runs the action, then forwards the request (the request waits for the action).
+    Before(Action),
+    /// Waits this long, then forwards the request.
+    Delay(Duration),
+    /// Answers with this S3 error document instead of forwarding: what a real server sends.
+    Error {
+        status: u16,
+        code: &'static str,
+        message: &'static str,
+    },
+    /// Reads the first chunk of the request body (if any), then drops the connection
+    /// without an answer: a reset in the middle of the request.
+    ResetRequest,
+    /// Forwards, relays the status, headers and the first `after` bytes of a successful
+    /// response's body, then drops the connection: a reset in the middle of the body.
+    CutResponse { after: usize },
+    /// Forwards and relays a successful response with one byte of its body flipped.
+    Corrupt,
+    /// Accepts the request and never answers.
+    Hang,
+}
+
+impl Fault {
+    /// 503 SlowDown, as S3 throttles.
+    pub fn slow_down() -> Self {
+        Self::Error {
+            status: 503,
+            code: "SlowDown",
+            message: "Please reduce your request rate.",
+        }
+    }
+
+    /// 500 InternalError.
+    pub fn internal_error() -> Self {
+        Self::Error {
+            status: 500,
+            code: "InternalError",
+            message: "We encountered an internal error. Please try again.",
+        }
+    }
+
+    /// A short name for recordings and failure messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Before(_) => "action",
+            Self::Delay(_) => "delay",
+            Self::Error { code, .. } => code,
+            Self::ResetRequest => "reset mid-request",
+            Self::CutResponse { .. } => "cut mid-body",
+            Self::Corrupt => "corrupted body",
+            Self::Hang => "never answered",
+        }
+    }
+
+    /// Whether the fault acts on the upstream's response (and so applies only once a
+    /// successful one exists), rather than on the request.
+    fn on_response(&self) -> bool {
+        matches!(self, Self::CutResponse { .. } | Self::Corrupt)
+    }
+}
+
+/// Counts how many times an injected fault was applied (and, for [`Fault::Before`], ran
+/// to completion).
+#[derive(Clone, Default)]
+pub struct Injected(Arc<AtomicUsize>);
+
+impl Injected {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Which requests a rule matches.
+type Matcher = Box<dyn Fn(&Recorded) -> bool + Send + Sync>;
+
+/// One injected fault: applied to the next `left` requests that match.
+struct Rule {
+    matches: Matcher,
+    /// `None` once a one-shot [`Fault::Before`] action has been taken.
+    fault: Option<Fault>,
+    left: usize,
+    applied: Injected,
+}
+
+/// What one request gets from a rule: the fault (an action is moved out, others copied).
+struct Planned {
+    fault: Fault,
+    applied: Injected,
+}
 
 /// State shared by every connection task.
 struct Shared {
@@ -135,33 +251,74 @@ struct Shared {
     upstream: String,
     client: Client<HttpConnector, Incoming>,
     requests: Mutex<Vec<Recorded>>,
+    rules: Mutex<Vec<Rule>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking test thread may poison the lock; the data is still valid.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Shared {
     fn log(&self) -> MutexGuard<'_, Vec<Recorded>> {
-        // A panicking test thread may poison the lock; the recordings are still valid.
-        self.requests
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.requests)
+    }
+
+    /// Takes the fault of the first live rule of the given phase that matches `r`.
+    fn plan(&self, r: &Recorded, on_response: bool) -> Option<Planned> {
+        let mut rules = lock(&self.rules);
+        let rule = rules.iter_mut().find(|rule| {
+            rule.left > 0
+                && rule
+                    .fault
+                    .as_ref()
+                    .is_some_and(|f| f.on_response() == on_response)
+                && (rule.matches)(r)
+        })?;
+        rule.left -= 1;
+        let fault = match rule.fault.as_ref()? {
+            Fault::Before(_) => rule.fault.take()?,
+            Fault::Delay(d) => Fault::Delay(*d),
+            Fault::Error {
+                status,
+                code,
+                message,
+            } => Fault::Error {
+                status: *status,
+                code,
+                message,
+            },
+            Fault::ResetRequest => Fault::ResetRequest,
+            Fault::CutResponse { after } => Fault::CutResponse { after: *after },
+            Fault::Corrupt => Fault::Corrupt,
+            Fault::Hang => Fault::Hang,
+        };
+        Some(Planned {
+            fault,
+            applied: rule.applied.clone(),
+        })
     }
 }
 
-/// A forwarding proxy on `127.0.0.1:<ephemeral>` in front of any plain-HTTP upstream.
-/// Stops on drop.
-pub struct RecordingProxy {
+/// A recording, fault-injecting proxy on `127.0.0.1:<ephemeral>` in front of any
+/// plain-HTTP upstream. Stops on drop.
+pub struct Proxy {
     endpoint: String,
+    addr: SocketAddr,
     shared: Arc<Shared>,
+    /// Cancelled to stop listening and drop every open connection (the endpoint is down).
+    up: Mutex<CancellationToken>,
     runtime: Option<Runtime>,
 }
 
-impl RecordingProxy {
+impl Proxy {
     /// Starts a proxy forwarding to `upstream` (`http://host:port`; any path is ignored,
     /// requests keep their own).
     pub fn start(upstream: &str) -> Self {
         let upstream = upstream.trim_end_matches('/').to_owned();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            .thread_name("recording-proxy")
+            .thread_name("test-proxy")
             .enable_all()
             .build()
             .expect("build the proxy's runtime");
@@ -177,15 +334,19 @@ impl RecordingProxy {
             upstream,
             client,
             requests: Mutex::new(Vec::new()),
+            rules: Mutex::new(Vec::new()),
         });
         let listener = runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .block_on(listen("127.0.0.1:0".parse().expect("a socket address")))
             .expect("bind the proxy to 127.0.0.1:0");
         let addr = listener.local_addr().expect("proxy's local address");
-        runtime.spawn(serve(listener, Arc::clone(&shared)));
+        let up = CancellationToken::new();
+        runtime.spawn(serve(listener, Arc::clone(&shared), up.clone()));
         Self {
             endpoint: format!("http://{addr}"),
+            addr,
             shared,
+            up: Mutex::new(up),
             runtime: Some(runtime),
         }
     }
@@ -214,9 +375,74 @@ impl RecordingProxy {
     pub fn count(&self, pred: impl Fn(&Recorded) -> bool) -> usize {
         self.shared.log().iter().filter(|r| pred(r)).count()
     }
+
+    /// Applies `fault` to the next `times` requests that satisfy `matches` (a
+    /// [`Fault::Before`] action runs once, whatever `times` says). Rules apply in the order
+    /// given, one per request and phase.
+    pub fn inject(
+        &self,
+        matches: impl Fn(&Recorded) -> bool + Send + Sync + 'static,
+        fault: Fault,
+        times: usize,
+    ) -> Injected {
+        let applied = Injected::default();
+        let left = if matches!(fault, Fault::Before(_)) {
+            times.min(1)
+        } else {
+            times
+        };
+        lock(&self.shared.rules).push(Rule {
+            matches: Box::new(matches),
+            fault: Some(fault),
+            left,
+            applied: applied.clone(),
+        });
+        applied
+    }
+
+    /// Runs `action` once, just before the next GET of object `key` in `bucket` is
+    /// forwarded; the GET waits until the action has returned.
+    pub fn before_get(
+        &self,
+        bucket: &str,
+        key: &str,
+        action: impl FnOnce() + Send + 'static,
+    ) -> Injected {
+        self.inject(get_of(bucket, key), Fault::Before(Box::new(action)), 1)
+    }
+
+    /// Damages (flips one byte in the middle of) the bodies of the next `times` successful
+    /// GETs of `key`; headers, length included, stay as the server sent them.
+    pub fn corrupt_gets(&self, bucket: &str, key: &str, times: usize) -> Injected {
+        self.inject(get_of(bucket, key), Fault::Corrupt, times)
+    }
+
+    /// Withdraws every fault not yet applied.
+    pub fn clear_faults(&self) {
+        lock(&self.shared.rules).clear();
+    }
+
+    /// The endpoint goes down: connections are refused, and open ones are dropped.
+    pub fn go_down(&self) {
+        lock(&self.up).cancel();
+    }
+
+    /// The endpoint comes back on the same address.
+    pub fn come_back(&self) {
+        let mut up = lock(&self.up);
+        if !up.is_cancelled() {
+            return;
+        }
+        let runtime = self.runtime.as_ref().expect("the proxy's runtime");
+        let listener = runtime
+            .block_on(listen(self.addr))
+            .unwrap_or_else(|e| panic!("listen again on {}: {e}", self.addr));
+        *up = CancellationToken::new();
+        runtime.spawn(serve(listener, Arc::clone(&self.shared), up.clone()));
+    }
 }
 
-impl Drop for RecordingProxy {
+impl Drop for Proxy {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
@@ -224,76 +450,256 @@ impl Drop for RecordingProxy {
     }
 }
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// A matcher for GETs of object `key` in `bucket` (path-style).
+pub fn get_of(bucket: &str, key: &str) -> impl Fn(&Recorded) -> bool + Send + Sync + 'static {
+    let (bucket, key) = (bucket.to_owned(), key.to_owned());
+    move |r| r.method == "GET" && r.key_in(&bucket).as_deref() == Some(key.as_str())
+}
+
+/// A listening socket with SO_REUSEADDR, so that [`Proxy::come_back`] can take the same
+/// port again while old connections linger in TIME_WAIT.
+async fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>, up: CancellationToken) {
     loop {
-        let socket = match listener.accept().await {
-            Ok((socket, _)) => socket,
-            Err(e) => {
-                eprintln!("recording proxy: accept failed: {e}");
-                continue;
-            }
+        let socket = tokio::select! {
+            () = up.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((socket, _)) => socket,
+                Err(e) => {
+                    eprintln!("test proxy: accept failed: {e}");
+                    continue;
+                }
+            },
         };
         let shared = Arc::clone(&shared);
+        let up = up.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| forward(req, Arc::clone(&shared)));
-            // A client hanging up mid-request is the client's business; ignore it.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(socket), service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(socket), service);
+            // A client hanging up mid-request is the client's business; ignore it. Going
+            // down drops the connection, whatever it was doing.
+            tokio::select! {
+                () = up.cancelled() => {}
+                _ = connection => {}
+            }
         });
     }
 }
 
-/// Records `req`, forwards it upstream and relays the answer (or a 502 if there is none).
+/// Records `req`, applies the faults that match it, forwards it upstream and relays the
+/// answer (or a 502 if there is none). An `Err` drops the connection without an answer.
 async fn forward(
     req: Request<Incoming>,
     shared: Arc<Shared>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Result<Response<ProxyBody>, BoxError> {
+    let recorded = Recorded {
+        method: req.method().as_str().to_owned(),
+        path: req.uri().path().to_owned(),
+        query: req.uri().query().unwrap_or_default().to_owned(),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        status: None,
+        fault: None,
+    };
+    let planned = shared.plan(&recorded, false);
     let index = {
         let mut log = shared.log();
         log.push(Recorded {
-            method: req.method().as_str().to_owned(),
-            path: req.uri().path().to_owned(),
-            query: req.uri().query().unwrap_or_default().to_owned(),
-            headers: req
-                .headers()
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
-            status: None,
+            fault: planned.as_ref().map(|p| p.fault.name()),
+            ..recorded.clone()
         });
         log.len() - 1
     };
+    let set_status = |status: u16| shared.log()[index].status = Some(status);
+
+    let mut req = req;
+    if let Some(Planned { fault, applied }) = planned {
+        match fault {
+            Fault::Before(action) => {
+                // A thread of its own: the action may block (the owner's client runs its
+                // own runtime), which must not happen on this runtime's workers.
+                let (done, ran) = tokio::sync::oneshot::channel();
+                std::thread::spawn(move || {
+                    let ok = std::panic::catch_unwind(AssertUnwindSafe(action)).is_ok();
+                    let _ = done.send(ok);
+                });
+                if !ran.await.unwrap_or(false) {
+                    set_status(502);
+                    return Ok(plain(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "test proxy: the test's action before {} panicked",
+                            recorded.summary()
+                        ),
+                    ));
+                }
+            }
+            Fault::Delay(delay) => tokio::time::sleep(delay).await,
+            Fault::Error {
+                status,
+                code,
+                message,
+            } => {
+                applied.0.fetch_add(1, Ordering::SeqCst);
+                set_status(status);
+                return Ok(s3_error(status, code, message));
+            }
+            Fault::ResetRequest => {
+                applied.0.fetch_add(1, Ordering::SeqCst);
+                let _ = req.body_mut().frame().await;
+                return Err("test proxy: reset mid-request".into());
+            }
+            Fault::Hang => {
+                applied.0.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+            Fault::CutResponse { .. } | Fault::Corrupt => {
+                unreachable!("response faults are planned later")
+            }
+        }
+        applied.0.fetch_add(1, Ordering::SeqCst);
+    }
 
     let (mut parts, body) = req.into_parts();
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     parts.uri = match format!("{}{path_and_query}", shared.upstream).parse() {
         Ok(uri) => uri,
-        Err(e) => return Ok(bad_gateway(format!("cannot build upstream URI: {e}"))),
+        Err(e) => {
+            return Ok(plain(
+                StatusCode::BAD_GATEWAY,
+                format!("cannot build upstream URI: {e}"),
+            ));
+        }
     };
-    match shared
+    let response = match shared
         .client
         .request(Request::from_parts(parts, body))
         .await
     {
-        Ok(response) => {
-            shared.log()[index].status = Some(response.status().as_u16());
-            Ok(response.map(BodyExt::boxed))
+        Ok(response) => response,
+        Err(e) => {
+            return Ok(plain(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream request failed: {e:?}"),
+            ));
         }
-        Err(e) => Ok(bad_gateway(format!("upstream request failed: {e:?}"))),
+    };
+    let status = response.status();
+    set_status(status.as_u16());
+    let planned = status
+        .is_success()
+        .then(|| shared.plan(&recorded, true))
+        .flatten();
+    let Some(Planned { fault, applied }) = planned else {
+        return Ok(response.map(|b| b.map_err(BoxError::from).boxed()));
+    };
+    shared.log()[index].fault = Some(fault.name());
+    applied.0.fetch_add(1, Ordering::SeqCst);
+    let (parts, body) = response.into_parts();
+    match fault {
+        Fault::CutResponse { after } => Ok(Response::from_parts(
+            parts,
+            Cut {
+                inner: body,
+                left: after,
+            }
+            .boxed(),
+        )),
+        _ => {
+            let mut bytes = match body.collect().await {
+                Ok(collected) => collected.to_bytes().to_vec(),
+                Err(e) => {
+                    return Ok(plain(
+                        StatusCode::BAD_GATEWAY,
+                        format!("upstream body failed: {e:?}"),
+                    ));
+                }
+            };
+            let middle = bytes.len() / 2;
+            if let Some(byte) = bytes.get_mut(middle) {
+                *byte ^= 0xff;
+            }
+            Ok(Response::from_parts(parts, full(Bytes::from(bytes))))
+        }
     }
 }
 
-fn bad_gateway(message: String) -> Response<ProxyBody> {
-    let body = Full::new(Bytes::from(message))
-        .map_err(|never| match never {})
-        .boxed();
-    let mut response = Response::new(body);
-    *response.status_mut() = StatusCode::BAD_GATEWAY;
+/// A body that relays `left` bytes of `inner`, then fails, which makes hyper drop the
+/// connection in the middle of the body.
+struct Cut {
+    inner: Incoming,
+    left: usize,
+}
+
+impl Body for Cut {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.left == 0 {
+            return Poll::Ready(Some(Err("test proxy: cut mid-body".into())));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(mut data) => {
+                    if data.len() > self.left {
+                        data.truncate(self.left);
+                    }
+                    self.left -= data.len();
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn plain(status: StatusCode, message: String) -> Response<ProxyBody> {
+    let mut response = Response::new(full(Bytes::from(message)));
+    *response.status_mut() = status;
+    response
+}
+
+/// The XML error document S3 sends.
+fn s3_error(status: u16, code: &str, message: &str) -> Response<ProxyBody> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message><RequestId>test-proxy</RequestId></Error>"
+    );
+    let mut response = Response::new(full(Bytes::from(body)));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/xml"),
+    );
     response
 }

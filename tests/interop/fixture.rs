@@ -7,13 +7,13 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::clients::{AwsCli, S3Client};
-use crate::common::{Daemon, Finished, POLL, Recorded, RecordingProxy, TIMEOUT, tail};
+use crate::common::{Daemon, Finished, POLL, Proxy, Recorded, TIMEOUT, tail, wait_while_running};
 use crate::servers::{Env, Server};
 
 /// Where the daemon uploads, and where the owner delivers.
@@ -32,6 +32,8 @@ pub struct Settings {
     pub checksums: &'static str,
     /// `s3.expected_bucket_owner`, absent when `None`.
     pub expected_bucket_owner: Option<String>,
+    /// `outbox.prefix`: [`SUBMISSIONS`], the prefix the owner's policy grants.
+    pub submissions: &'static str,
 }
 
 impl Default for Settings {
@@ -40,6 +42,7 @@ impl Default for Settings {
             acl: OWNER_FULL_CONTROL,
             checksums: "when_required",
             expected_bucket_owner: None,
+            submissions: SUBMISSIONS,
         }
     }
 }
@@ -70,7 +73,7 @@ pub struct Trade {
     pub owner: S3Client,
     /// The AWS CLI as the owner: puts the deliveries.
     pub owner_cli: AwsCli,
-    pub proxy: RecordingProxy,
+    pub proxy: Proxy,
     pub server: Server,
     pub bucket: String,
     pub settings: Settings,
@@ -114,7 +117,7 @@ impl Trade {
             &scratch,
         );
         let owner_cli = AwsCli::new(&env.aws_cli, &server.endpoint, &server.owner, &scratch);
-        let proxy = RecordingProxy::start(&server.endpoint);
+        let proxy = Proxy::start(&server.endpoint);
         let bucket = unique_bucket(tag);
         owner.create_bucket(&bucket);
         if let Some(principal) = &server.peer_principal {
@@ -163,7 +166,7 @@ checksums = "{checksums}"
 {expected_owner}
 [outbox]
 dir = "{outbox}"
-prefix = "{SUBMISSIONS}"
+prefix = "{submissions}"
 settle = "300ms"
 rescan_interval = "5s"
 after_upload = "move"
@@ -191,6 +194,7 @@ dir = "{log}"
             endpoint = self.proxy.endpoint(),
             acl = s.acl,
             checksums = s.checksums,
+            submissions = s.submissions,
             outbox = self.outbox.display(),
             sent = self.sent.display(),
             inbox = self.inbox.display(),
@@ -287,28 +291,14 @@ dir = "{log}"
     /// Polls `cond` until it holds, for up to [`TIMEOUT`]. Fails at once if the daemon exits
     /// meanwhile; on timeout names `what` and shows [`Trade::diagnostics`].
     #[track_caller]
-    pub fn wait_for(&self, what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if cond() {
-                return;
-            }
-            if let Some(status) = self.daemon.as_ref().and_then(Daemon::try_exit) {
-                if cond() {
-                    return;
-                }
-                panic!(
-                    "the daemon exited ({status}) while waiting for {what}\n{}",
-                    self.diagnostics()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {TIMEOUT:?} waiting for {what}\n{}",
-                self.diagnostics()
-            );
-            thread::sleep(POLL);
-        }
+    pub fn wait_for(&self, what: &str, cond: impl FnMut() -> bool) {
+        wait_while_running(
+            || self.daemon.as_ref().and_then(Daemon::try_exit),
+            what,
+            (TIMEOUT, POLL),
+            cond,
+            || self.diagnostics(),
+        );
     }
 
     /// The owner delivers `bytes` at `Delivery/<rel>` with the AWS CLI.

@@ -371,6 +371,69 @@ fn radosgw_acl_none_sends_no_acl_header_and_the_owner_cannot_read_the_upload() {
     );
 }
 
+/// A prefix the owner's policy does not grant: the gateway refuses every upload with
+/// AccessDenied. Each file is quarantined once, with a line that names it and the likely
+/// cause (the bucket policy, the ACL or the prefix), stays in the outbox, and is not tried
+/// again by later rescans; nothing reaches the bucket.
+#[test]
+fn radosgw_uploads_under_a_prefix_the_policy_does_not_grant_are_quarantined_with_the_cause() {
+    let env = interop_env!(
+        "radosgw_uploads_under_a_prefix_the_policy_does_not_grant_are_quarantined_with_the_cause"
+    );
+    let settings = Settings {
+        submissions: "Elsewhere/",
+        ..Settings::default()
+    };
+    let mut t = Trade::new(
+        &env,
+        Server::radosgw(&env),
+        "denied",
+        settings,
+        Policy::ThreeRights,
+    );
+    t.drop_in_outbox("small.txt", b"not allowed here\n");
+    t.drop_in_outbox("large.bin", &random_bytes(6 * MIB + 5, 12));
+    t.start();
+    let quarantined = |rel: &str| -> Vec<String> {
+        let path = t.outbox.join(rel).display().to_string();
+        t.stderr()
+            .lines()
+            .filter(|l| l.contains("quarantined") && l.contains(&path))
+            .map(str::to_owned)
+            .collect()
+    };
+    t.wait_for("both files quarantined", || {
+        !quarantined("small.txt").is_empty() && !quarantined("large.bin").is_empty()
+    });
+    for rel in ["small.txt", "large.bin"] {
+        let lines = quarantined(rel);
+        assert_eq!(lines.len(), 1, "{rel}: {lines:#?}\n{}", t.diagnostics());
+        assert!(
+            lines[0].contains("AccessDenied") && lines[0].contains("bucket policy"),
+            "the line does not say AccessDenied and the likely cause: {}",
+            lines[0]
+        );
+    }
+    // Two more polls (500 ms apart) and the files are still there, not retried.
+    let attempts = t.proxy.count(|r| t.creates_object(r));
+    let polls = t.delivery_lists();
+    t.wait_for_polls(polls, 3);
+    assert_eq!(
+        t.proxy.count(|r| t.creates_object(r)),
+        attempts,
+        "a quarantined file was tried again\n{}",
+        t.diagnostics()
+    );
+    assert_eq!(files_under(&t.outbox), ["large.bin", "small.txt"]);
+    assert!(files_under(&t.sent).is_empty());
+    let stored = t
+        .owner
+        .list_keys(&t.bucket, "", None)
+        .unwrap_or_else(|e| panic!("owner: list the bucket: {e:?}"));
+    assert!(stored.is_empty(), "objects in the bucket: {stored:?}");
+    assert_eq!(t.stop().code(), Some(0), "{}", t.diagnostics());
+}
+
 /// The common guard policy (deny PutObject unless `s3:x-amz-acl` is
 /// `bucket-owner-full-control`) is enforced by RGW 16, and the daemon's uploads still
 /// succeed: single PUTs carry the ACL; parts carry none, so the gateway refuses them, and the
