@@ -348,14 +348,8 @@ impl Inbox {
             {
                 return Err(format!("got {size} bytes, expected {expected}"));
             }
-            if !download.kms
-                && let Some(expected) = download.etag.as_ref().and_then(|e| e.plain_md5())
-                && !expected.eq_ignore_ascii_case(&plan::hex(&md5))
-            {
-                return Err(format!(
-                    "content MD5 {} does not match the ETag {expected}",
-                    plan::hex(&md5)
-                ));
+            if let Some(mismatch) = plan::md5_mismatch(download.etag.as_ref(), download.kms, &md5) {
+                return Err(mismatch);
             }
             tokio::task::block_in_place(|| {
                 let file = file.into_inner().map_err(|e| e.into_error())?;

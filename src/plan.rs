@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::keys::ChangeToken;
+use crate::keys::{ChangeToken, ETag};
 
 /// S3's most parts in one multipart upload.
 pub const MAX_PARTS: u64 = 10_000;
@@ -178,6 +178,17 @@ pub fn beside_name(name: &str, tag: &str, n: u32) -> String {
     }
 }
 
+/// Whether a download's MD5 contradicts its ETag, and how. Only a plain single-part ETag
+/// of an object not encrypted with SSE-KMS is an MD5 of the content: multipart ETags
+/// (`...-N`) and SSE-KMS ETags (same shape, other value) say nothing, and must never be
+/// taken for damage.
+pub fn md5_mismatch(etag: Option<&ETag>, kms: bool, md5: &[u8; 16]) -> Option<String> {
+    let expected = etag.filter(|_| !kms)?.plain_md5()?;
+    let got = hex(md5);
+    (!expected.eq_ignore_ascii_case(&got))
+        .then(|| format!("content MD5 {got} does not match the ETag {expected}"))
+}
+
 /// Lower-case hex of an MD5.
 pub fn hex(bytes: &[u8; 16]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -193,6 +204,23 @@ pub fn time_tag(at: std::time::SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_plain_etag_of_an_unencrypted_object_is_checked_as_an_md5() {
+        let md5: [u8; 16] = *b"0123456789abcdef";
+        let right = ETag::new(format!("\"{}\"", hex(&md5)));
+        let wrong = ETag::new("\"ffffffffffffffffffffffffffffffff\"");
+        let multipart = ETag::new("\"ffffffffffffffffffffffffffffffff-3\"");
+        assert_eq!(md5_mismatch(Some(&right), false, &md5), None);
+        assert!(
+            md5_mismatch(Some(&wrong), false, &md5)
+                .is_some_and(|m| m.contains("does not match the ETag"))
+        );
+        // SSE-KMS: the same shape, but not the MD5 (AWS): never damage.
+        assert_eq!(md5_mismatch(Some(&wrong), true, &md5), None);
+        assert_eq!(md5_mismatch(Some(&multipart), false, &md5), None);
+        assert_eq!(md5_mismatch(None, false, &md5), None);
+    }
 
     fn stamp(size: u64, mtime_ns: i64) -> FileStamp {
         FileStamp {

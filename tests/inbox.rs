@@ -825,10 +825,40 @@ fn multipart_and_checksummed_objects_arrive_without_false_integrity_errors() {
 
 #[test]
 fn a_full_disk_leaves_no_partial_file_names_the_folder_and_the_key_lands_later() {
-    let test = "a_full_disk_leaves_no_partial_file_names_the_folder_and_the_key_lands_later";
+    disk_trouble_course(
+        "a_full_disk_leaves_no_partial_file_names_the_folder_and_the_key_lands_later",
+        DiskTrouble::Full,
+    );
+}
+
+/// The inbox's file system turns read-only (remounted) while the daemon runs: a delivery
+/// that arrives meanwhile leaves nothing behind, each failed attempt names the inbox and
+/// says why, and the key lands once the file system is writable again.
+#[test]
+fn a_read_only_inbox_leaves_no_partial_file_names_the_folder_and_the_key_lands_later() {
+    disk_trouble_course(
+        "a_read_only_inbox_leaves_no_partial_file_names_the_folder_and_the_key_lands_later",
+        DiskTrouble::ReadOnly,
+    );
+}
+
+/// What goes wrong with the inbox's disk in [`disk_trouble_course`].
+#[derive(Clone, Copy, PartialEq)]
+enum DiskTrouble {
+    /// A 2 MiB file system, too small for a 4 MiB delivery; then grown to 16 MiB.
+    Full,
+    /// Remounted read-only after the first delivery; then read-write again.
+    ReadOnly,
+}
+
+fn disk_trouble_course(test: &str, trouble: DiskTrouble) {
     let mut bed = Bed::new(Backend::S3sFs, Settings::default());
     let inbox = bed.inbox.clone();
-    if let Err(why) = bed.mount_tmpfs(&inbox, "2m") {
+    let size = match trouble {
+        DiskTrouble::Full => "2m",
+        DiskTrouble::ReadOnly => "16m",
+    };
+    if let Err(why) = bed.mount_tmpfs(&inbox, size) {
         skip(test, &why);
         return;
     }
@@ -836,9 +866,18 @@ fn a_full_disk_leaves_no_partial_file_names_the_folder_and_the_key_lands_later()
     let big = random_bytes(4 * MIB, 81);
     let big_key = bed.key("big.bin");
     bed.owner.put(&bed.key("small.txt"), &small);
-    bed.owner.put(&big_key, &big);
+    if trouble == DiskTrouble::Full {
+        bed.owner.put(&big_key, &big);
+    }
 
     bed.start();
+    if trouble == DiskTrouble::ReadOnly {
+        bed.wait_for("small.txt in the inbox", || {
+            bed.inbox.join("small.txt").exists()
+        });
+        bed.remount_tmpfs(&inbox, "ro");
+        bed.owner.put(&big_key, &big);
+    }
     let big_path = bed.inbox.join("big.bin");
     let inbox_name = inbox.display().to_string();
     let mut partial = Vec::new();
@@ -867,6 +906,10 @@ fn a_full_disk_leaves_no_partial_file_names_the_folder_and_the_key_lands_later()
         },
     );
     let failures = bed.failed_transfers_of(&big_key);
+    let why = match trouble {
+        DiskTrouble::Full => "no space",
+        DiskTrouble::ReadOnly => "read-only",
+    };
     for failure in &failures {
         let error = field(failure, "error").unwrap_or_default();
         assert!(
@@ -874,15 +917,18 @@ fn a_full_disk_leaves_no_partial_file_names_the_folder_and_the_key_lands_later()
             "the failure does not name the inbox {inbox_name}: {error}"
         );
         assert!(
-            error.to_lowercase().contains("no space"),
-            "the failure does not say the disk is full: {error}"
+            error.to_lowercase().contains(why),
+            "the failure does not say {why:?}: {error}"
         );
     }
-    assert!(!big_path.exists(), "big.bin landed on a full disk");
+    assert!(!big_path.exists(), "big.bin landed on a disk it cannot fit");
 
-    // Room is made: the next poll's attempt lands it, whole.
-    bed.resize_tmpfs(&inbox, "16m");
-    bed.wait_for("big.bin in the inbox once there is room", || {
+    // The disk is mended: the next poll's attempt lands it, whole.
+    match trouble {
+        DiskTrouble::Full => bed.remount_tmpfs(&inbox, "size=16m"),
+        DiskTrouble::ReadOnly => bed.remount_tmpfs(&inbox, "rw"),
+    }
+    bed.wait_for("big.bin in the inbox once the disk is mended", || {
         no_partial(&bed);
         big_path.exists()
     });
@@ -901,7 +947,7 @@ fn a_full_disk_leaves_no_partial_file_names_the_folder_and_the_key_lands_later()
     assert!(gets >= 3, "big.bin: {gets} GETs, expected >= 2 failed + 1");
     note(
         test,
-        &format!("big.bin: {gets} GETs (retried each poll while the disk was full)"),
+        &format!("big.bin: {gets} GETs (retried each poll while the disk could not take it)"),
     );
     bed.assert_inbox_holds(&["big.bin", "small.txt"]);
     bed.assert_nothing_outside();

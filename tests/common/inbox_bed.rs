@@ -486,15 +486,16 @@ impl Bed {
         Ok(())
     }
 
-    /// Resizes the tmpfs mounted over `dir`, keeping what it holds.
+    /// Remounts the tmpfs mounted over `dir` with `options` (`size=16m`, `ro`, `rw`),
+    /// keeping what it holds.
     #[track_caller]
-    pub fn resize_tmpfs(&self, dir: &Path, size: &str) {
+    pub fn remount_tmpfs(&self, dir: &Path, options: &str) {
         self.tmpfs
             .iter()
             .find(|(at, _)| at == dir)
             .unwrap_or_else(|| panic!("no tmpfs is mounted on {}", dir.display()))
             .1
-            .resize(size);
+            .remount(options);
     }
 
     /// Everything under the root except the daemon's own folders (inbox, outbox, sent,

@@ -117,6 +117,12 @@ osd data = $D/osd.0
 [client.rgw.a]
 rgw data = $D/rgw.a
 rgw frontends = beast endpoint=$HOST:$PORT
+# SSE-KMS without a key server: the gateway's built-in test backend with one fixed key
+# (s3x-test-key), over plain HTTP. Deliveries encrypted this way carry an ETag that is not
+# their MD5, which the inbox must not mistake for damage.
+rgw crypt s3 kms backend = testing
+rgw crypt s3 kms encryption keys = s3x-test-key=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=
+rgw crypt require ssl = false
 CONF
 }
 

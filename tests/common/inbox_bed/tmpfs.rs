@@ -39,14 +39,20 @@ impl Tmpfs {
     /// Grows (or shrinks) the mounted file system to `size`, keeping its contents.
     #[track_caller]
     pub fn resize(&self, size: &str) {
+        self.remount(&format!("size={size}"));
+    }
+
+    /// Remounts with `options` (`ro`, `rw`, `size=16m`), keeping the contents.
+    #[track_caller]
+    pub fn remount(&self, options: &str) {
         let out = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
+            .args(["-o", &format!("remount,{options}")])
             .arg(&self.path)
             .output()
             .unwrap_or_else(|e| panic!("cannot run mount: {e}"));
         assert!(
             out.status.success(),
-            "mount -o remount,size={size} {} failed ({}): {}",
+            "mount -o remount,{options} {} failed ({}): {}",
             self.path.display(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
