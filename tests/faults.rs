@@ -1,0 +1,476 @@
+//! Faults (issue 7): the real `s3-exchange` binary against a real S3 server (s3s-fs, in
+//! process) through the harness's fault-injecting proxy, and against a damaged, locked or
+//! too-new ledger. Nothing may be lost, duplicated or half-done, and the daemon must never
+//! hang.
+//!
+//! `network_and_server_faults_lose_and_duplicate_nothing` prints the fault report (one line
+//! per fault: injected, transfers completed, lost, duplicated, longest wait) that the README
+//! quotes.
+
+mod common;
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use common::outbox::{stderr_lines_with, with_table_lines};
+use common::{
+    BUCKET, Exchange, Fault, Injected, Recorded, Settings, files_under, random_bytes, read_file,
+    write_file,
+};
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+
+/// Whether `r` is any request about object `key`.
+fn about(key: &str) -> impl Fn(&Recorded) -> bool + Send + Sync + 'static {
+    let key = key.to_owned();
+    move |r| r.key_in(BUCKET).as_deref() == Some(key.as_str())
+}
+
+/// Whether `r` sends data for `key`: a PutObject or an UploadPart.
+fn sends(key: &str) -> impl Fn(&Recorded) -> bool + Send + Sync + 'static {
+    let about = about(key);
+    move |r| r.method == "PUT" && about(r)
+}
+
+/// Whether `r` is an UploadPart of `key`.
+fn sends_part(key: &str) -> impl Fn(&Recorded) -> bool + Send + Sync + 'static {
+    let sends = sends(key);
+    move |r| sends(r) && r.has_query_param("partNumber")
+}
+
+/// Whether `r` is a GET of `key`.
+fn gets(key: &str) -> impl Fn(&Recorded) -> bool + Send + Sync + 'static {
+    let about = about(key);
+    move |r| r.method == "GET" && about(r)
+}
+
+/// Makes a fresh [`Fault`] of one kind (one for each direction).
+type MakeFault = fn() -> Fault;
+
+/// One fault, injected into the traffic of one file each way.
+struct Case {
+    name: &'static str,
+    up_rel: String,
+    up_bytes: Vec<u8>,
+    down_rel: String,
+    down_bytes: Vec<u8>,
+    injected: Vec<Injected>,
+    /// When the file (each way) was seen complete, from the start of the run.
+    up_done: Option<Duration>,
+    down_done: Option<Duration>,
+}
+
+/// Every kind of fault the proxy injects, each on an upload and a download of its own, all
+/// at once: 503 SlowDown and 500 replies, connections reset mid-request, responses cut
+/// mid-body, requests never answered (the attempt timeout must end them), slow answers, and
+/// faults on the parts of a multipart upload. Every file arrives once with its bytes, no
+/// temporary file is left, the daemon stays up, and the report shows how long each waited.
+#[test]
+fn network_and_server_faults_lose_and_duplicate_nothing() {
+    let mut ex = Exchange::with(Settings {
+        poll_interval: "300ms".into(),
+        ..Settings::default()
+    });
+    // An attempt that gets no answer is given up after 2 s (the default is minutes).
+    ex.write_config(&with_table_lines(
+        &ex.config_text(),
+        "transfer",
+        "attempt_timeout = \"2s\"",
+    ));
+    let faults: Vec<(&'static str, MakeFault, usize)> = vec![
+        ("503 SlowDown", Fault::slow_down, 3),
+        ("500 InternalError", Fault::internal_error, 3),
+        ("reset mid-request", || Fault::ResetRequest, 2),
+        ("cut mid-body", || Fault::CutResponse { after: 10 * KIB }, 2),
+        ("never answered", || Fault::Hang, 1),
+        ("3 s delay", || Fault::Delay(Duration::from_millis(3000)), 2),
+    ];
+    let mut cases = Vec::new();
+    for (i, (name, fault, times)) in faults.iter().enumerate() {
+        let tag = name.replace(' ', "-");
+        let up_rel = format!("up-{tag}.bin");
+        let down_rel = format!("down-{tag}.bin");
+        let up_key = ex.submission_key(&up_rel);
+        let down_key = ex.delivery_key(&down_rel);
+        let down_bytes = random_bytes(200 * KIB + i, 300 + i as u64);
+        ex.owner.put(&down_key, &down_bytes);
+        // A PUT's reply has no body to cut: a cut mid-body is for GETs only.
+        let mut injected = vec![ex.proxy.inject(gets(&down_key), fault(), *times)];
+        if !matches!(fault(), Fault::CutResponse { .. }) {
+            injected.push(ex.proxy.inject(sends(&up_key), fault(), *times));
+        }
+        cases.push(Case {
+            name,
+            up_bytes: random_bytes(100 * KIB + i, 400 + i as u64),
+            up_rel,
+            down_rel,
+            down_bytes,
+            injected,
+            up_done: None,
+            down_done: None,
+        });
+    }
+    // Faults on the parts of a multipart upload (5 MiB parts).
+    let parts_rel = "up-multipart.bin".to_owned();
+    let parts_key = ex.submission_key(&parts_rel);
+    let part_faults = vec![
+        ex.proxy
+            .inject(sends_part(&parts_key), Fault::slow_down(), 2),
+        ex.proxy
+            .inject(sends_part(&parts_key), Fault::ResetRequest, 1),
+    ];
+    cases.push(Case {
+        name: "multipart: 503 and reset on parts",
+        up_rel: parts_rel,
+        up_bytes: random_bytes(12 * MIB + 5, 499),
+        down_rel: String::new(),
+        down_bytes: Vec::new(),
+        injected: part_faults,
+        up_done: None,
+        down_done: None,
+    });
+
+    ex.start();
+    let started = Instant::now();
+    for case in &cases {
+        write_file(&ex.outbox.join(&case.up_rel), &case.up_bytes);
+    }
+    ex.wait_for("every file to arrive, each way", || {
+        let now = started.elapsed();
+        for case in &mut cases {
+            if case.up_done.is_none() && ex.sent.join(&case.up_rel).exists() {
+                case.up_done = Some(now);
+            }
+            if case.down_done.is_none()
+                && !case.down_rel.is_empty()
+                && read_file(&ex.inbox.join(&case.down_rel)).as_deref()
+                    == Some(case.down_bytes.as_slice())
+            {
+                case.down_done = Some(now);
+            }
+        }
+        cases
+            .iter()
+            .all(|c| c.up_done.is_some() && (c.down_rel.is_empty() || c.down_done.is_some()))
+    });
+    assert!(
+        ex.daemon().try_exit().is_none(),
+        "the daemon died\n{}",
+        ex.diagnostics()
+    );
+
+    // Nothing lost: every upload is in the bucket with its bytes, out of the outbox; every
+    // delivery in the inbox with its bytes. Nothing duplicated: the inbox holds each
+    // delivery once, and no delivery was fetched whole twice.
+    let summary = ex.proxy.summary();
+    let mut report = String::from(
+        "fault report: fault | injected | transfers completed | lost | duplicated | longest wait\n",
+    );
+    let mut expected_inbox = Vec::new();
+    for case in &cases {
+        let up_key = ex.submission_key(&case.up_rel);
+        let stored = ex.owner.get(&up_key);
+        let up_lost = usize::from(
+            stored.as_deref() != Some(case.up_bytes.as_slice())
+                || ex.outbox.join(&case.up_rel).exists(),
+        );
+        let (mut completed, mut lost, mut duplicated) = (1 - up_lost, up_lost, 0);
+        if !case.down_rel.is_empty() {
+            expected_inbox.push(case.down_rel.as_str());
+            let key = ex.delivery_key(&case.down_rel);
+            let whole_gets = ex
+                .proxy
+                .count(|r| gets(&key)(r) && r.status == Some(200) && r.fault.is_none());
+            completed += 1;
+            duplicated += whole_gets.saturating_sub(1);
+            lost += usize::from(whole_gets == 0);
+        }
+        let injected: usize = case.injected.iter().map(Injected::count).sum();
+        let longest = case.up_done.max(case.down_done).unwrap_or_default();
+        writeln!(
+            report,
+            "  {:<34} | {injected:>2} | {completed} | {lost} | {duplicated} | {:.1} s",
+            case.name,
+            longest.as_secs_f64()
+        )
+        .expect("write to a String");
+        assert!(
+            injected >= 1,
+            "{}: no fault was injected\n{summary}",
+            case.name
+        );
+        assert_eq!(
+            (lost, duplicated),
+            (0, 0),
+            "{}\n{report}\n{summary}",
+            case.name
+        );
+    }
+    eprintln!("{report}");
+    expected_inbox.sort_unstable();
+    ex.assert_inbox_holds(&expected_inbox);
+    assert_eq!(
+        ex.stop().code(),
+        Some(0),
+        "exit status on SIGTERM\n{}",
+        ex.diagnostics()
+    );
+}
+
+/// The endpoint goes away (connections refused) while files wait each way, and comes back:
+/// the daemon keeps running, says so once (not once per file or attempt), retries quietly,
+/// and catches up once it answers again.
+#[test]
+fn an_endpoint_that_is_down_for_a_while_is_reported_once_and_caught_up_with() {
+    let mut ex = Exchange::with(Settings {
+        poll_interval: "300ms".into(),
+        ..Settings::default()
+    });
+    ex.start();
+    ex.wait_for_polls(ex.delivery_lists(), 1);
+    ex.proxy.go_down();
+    let ups: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            (
+                format!("up-{i}.txt"),
+                random_bytes(1000 + i, 600 + i as u64),
+            )
+        })
+        .collect();
+    let downs: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            (
+                format!("down-{i}.txt"),
+                random_bytes(900 + i, 700 + i as u64),
+            )
+        })
+        .collect();
+    for (rel, bytes) in &downs {
+        ex.owner.put(&ex.delivery_key(rel), bytes);
+    }
+    for (rel, bytes) in &ups {
+        write_file(&ex.outbox.join(rel), bytes);
+    }
+    // Several attempts at the first upload while down, each a "transfer started".
+    let first = ex.outbox.join(&ups[0].0).display().to_string();
+    ex.wait_for(
+        "three attempts at up-0.txt while the endpoint is down",
+        || stderr_lines_with(&ex, &["transfer started", &first]).len() >= 3,
+    );
+    let down_lines = stderr_lines_with(&ex, &["cannot reach S3"]);
+    assert_eq!(
+        down_lines.len(),
+        1,
+        "the outage must be reported once: {down_lines:#?}"
+    );
+    assert!(files_under(&ex.sent).is_empty(), "sent while down?");
+
+    ex.proxy.come_back();
+    ex.wait_for("every file each way after the endpoint came back", || {
+        ups.iter().all(|(rel, _)| ex.sent.join(rel).exists())
+            && downs
+                .iter()
+                .all(|(rel, bytes)| read_file(&ex.inbox.join(rel)).as_ref() == Some(bytes))
+    });
+    for (rel, bytes) in &ups {
+        assert_eq!(
+            ex.owner.get(&ex.submission_key(rel)).as_ref(),
+            Some(bytes),
+            "{rel}"
+        );
+    }
+    assert_eq!(stderr_lines_with(&ex, &["cannot reach S3"]).len(), 1);
+    assert_eq!(
+        stderr_lines_with(&ex, &["S3 answers again"]).len(),
+        1,
+        "the recovery must be reported once\n{}",
+        ex.diagnostics()
+    );
+    let mut expected: Vec<&str> = downs.iter().map(|(rel, _)| rel.as_str()).collect();
+    expected.sort_unstable();
+    ex.assert_inbox_holds(&expected);
+    assert_eq!(ex.stop().code(), Some(0), "{}", ex.diagnostics());
+}
+
+/// kill -9 at moments chosen by a seeded generator (printed) during heavy two-way traffic:
+/// 200 files each way, a few of them multipart, killed after a varying amount of progress,
+/// eight times over; then a clean run. Every outbox file ends in the bucket with its bytes
+/// and in sent/ once, every delivery in the inbox once with its bytes, no temporary file
+/// remains anywhere, and the ledger opens every time.
+#[test]
+fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
+    const FILES: usize = 200;
+    const KILLS: usize = 8;
+    let mut ex = Exchange::with(Settings {
+        poll_interval: "200ms".into(),
+        settle: "100ms".into(),
+        concurrency: 8,
+        log_level: "info".into(),
+        ..Settings::default()
+    });
+    let size = |i: usize| {
+        if i.is_multiple_of(67) {
+            6 * MIB + i
+        } else {
+            2 * KIB + i
+        }
+    };
+    let ups: Vec<(String, Vec<u8>)> = (0..FILES)
+        .map(|i| {
+            (
+                format!("up/{i:03}.bin"),
+                random_bytes(size(i), 1000 + i as u64),
+            )
+        })
+        .collect();
+    let downs: Vec<(String, Vec<u8>)> = (0..FILES)
+        .map(|i| {
+            (
+                format!("down/{i:03}.bin"),
+                random_bytes(size(i + 1), 2000 + i as u64),
+            )
+        })
+        .collect();
+    for (rel, bytes) in &downs {
+        ex.owner.put(&ex.delivery_key(rel), bytes);
+    }
+    for (rel, bytes) in &ups {
+        write_file(&ex.outbox.join(rel), bytes);
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    eprintln!("kill -9 schedule seed: {seed}");
+    let mut state = seed | 1;
+    let mut next = move |below: usize| {
+        // xorshift64: a reproducible schedule from the printed seed.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        usize::try_from(state % below as u64).unwrap_or(0)
+    };
+    let progress = |ex: &Exchange| files_under(&ex.sent).len() + files_under(&ex.inbox).len();
+    for kill in 0..KILLS {
+        ex.start();
+        let target = (progress(&ex) + 1 + next(40)).min(2 * FILES);
+        ex.wait_for(&format!("kill {kill}: progress to {target}"), || {
+            progress(&ex) >= target
+        });
+        common::outbox::kill_9(ex.daemon());
+        ex.daemon().wait_exit(common::TIMEOUT);
+    }
+    ex.start();
+    ex.wait_for("the clean run to finish both directions", || {
+        files_under(&ex.sent).len() == FILES
+            && downs
+                .iter()
+                .all(|(rel, bytes)| read_file(&ex.inbox.join(rel)).as_ref() == Some(bytes))
+    });
+    assert_eq!(ex.stop().code(), Some(0), "{}", ex.diagnostics());
+
+    let mut sent: Vec<&str> = ups.iter().map(|(rel, _)| rel.as_str()).collect();
+    sent.sort_unstable();
+    assert_eq!(files_under(&ex.sent), sent, "sent/ holds each file once");
+    assert!(
+        files_under(&ex.outbox).is_empty(),
+        "files left in the outbox"
+    );
+    for (rel, bytes) in &ups {
+        assert_eq!(
+            ex.owner.get(&ex.submission_key(rel)).as_ref(),
+            Some(bytes),
+            "{rel} in the bucket"
+        );
+        assert_eq!(
+            read_file(&ex.sent.join(rel)).as_ref(),
+            Some(bytes),
+            "sent/{rel}"
+        );
+    }
+    let mut inbox: Vec<&str> = downs.iter().map(|(rel, _)| rel.as_str()).collect();
+    inbox.sort_unstable();
+    ex.assert_inbox_holds(&inbox);
+}
+
+// ---------------------------------------------------------------------------------------
+// The ledger
+// ---------------------------------------------------------------------------------------
+
+/// A second daemon on the same state folder refuses to start (exit 75) with a line that
+/// says why, and the first one carries on.
+#[test]
+fn a_second_instance_on_the_same_state_folder_refuses_to_start() {
+    let mut ex = Exchange::new();
+    ex.start();
+    ex.wait_for_polls(ex.delivery_lists(), 1);
+    let second = ex.run_command("run");
+    assert_eq!(
+        second.status.code(),
+        Some(75),
+        "the second instance: {}",
+        second.stderr
+    );
+    assert!(
+        second.stderr.contains("in use by another process")
+            && second.stderr.contains(&ex.state.display().to_string()),
+        "the second instance must say the ledger is in use, and where: {}",
+        second.stderr
+    );
+    write_file(&ex.outbox.join("still.txt"), b"the first one still works\n");
+    ex.wait_for("still.txt in sent/ (the first daemon)", || {
+        ex.sent.join("still.txt").exists()
+    });
+    assert_eq!(ex.stop().code(), Some(0));
+}
+
+/// A ledger that cannot be read (its log overwritten with garbage) or that a newer version
+/// wrote stops the daemon at start-up with exit 74 and a line naming the ledger and what to
+/// do. It never starts over: not one object is fetched again.
+#[test]
+fn a_damaged_or_newer_ledger_stops_the_daemon_and_nothing_is_fetched_again() {
+    let mut ex = Exchange::new();
+    ex.owner
+        .put(&ex.delivery_key("once.txt"), b"fetched once\n");
+    let first = ex.run_command("sync");
+    assert_eq!(first.status.code(), Some(0), "{}", first.stderr);
+    assert!(ex.inbox.join("once.txt").exists());
+    std::fs::remove_file(ex.inbox.join("once.txt")).expect("move the delivery away");
+    let ledger = ex.state.join("ledger");
+
+    // Newer schema: what a later version would write.
+    {
+        let db = sled::open(&ledger).expect("open the ledger as a newer version would");
+        db.insert("schema", &99u32.to_be_bytes())
+            .expect("write a newer schema");
+        db.flush().expect("flush the ledger");
+    }
+    let newer = ex.run_command("run");
+    assert_eq!(newer.status.code(), Some(74), "{}", newer.stderr);
+    assert!(
+        newer.stderr.contains("newer s3-exchange") && newer.stderr.contains("upgrade"),
+        "{}",
+        newer.stderr
+    );
+
+    // Damaged: the log overwritten with garbage of the same length.
+    let log = ledger.join("db");
+    let len = std::fs::metadata(&log).expect("the ledger's log").len();
+    std::fs::write(&log, random_bytes(usize::try_from(len).unwrap_or(0), 5))
+        .expect("damage the ledger");
+    let damaged = ex.run_command("run");
+    assert_eq!(damaged.status.code(), Some(74), "{}", damaged.stderr);
+    assert!(
+        damaged.stderr.contains(&ledger.display().to_string())
+            && damaged.stderr.contains("downloaded again"),
+        "the line must name the ledger and warn against deleting it: {}",
+        damaged.stderr
+    );
+    assert_eq!(
+        ex.delivery_gets(),
+        1,
+        "a delivery was fetched again\n{}",
+        ex.proxy.summary()
+    );
+    assert!(!ex.inbox.join("once.txt").exists());
+}
