@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::outbox::{stderr_lines_with, with_table_lines};
 use common::{
-    BUCKET, Exchange, Fault, Injected, Recorded, Settings, files_under, random_bytes, read_file,
-    write_file,
+    BUCKET, Exchange, Fault, Injected, Recorded, SHORT_LIVED_PREFIX, Settings, files_under,
+    random_bytes, read_file, short_lived_secret, write_file,
 };
 
 const KIB: usize = 1024;
@@ -391,6 +391,115 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     let mut inbox: Vec<&str> = downs.iter().map(|(rel, _)| rel.as_str()).collect();
     inbox.sort_unstable();
     ex.assert_inbox_holds(&inbox);
+}
+
+/// Credentials that expire while the daemon runs, as an assumed role or an SSO session
+/// hands them out: a `credential_process` in the daemon's AWS profile gives keys that live
+/// 20 s, and the server refuses a key once it expired (`ExpiredToken`). The daemon keeps
+/// trading for longer than three lifetimes without a restart: it fetches new credentials
+/// before the old ones expire, and no request is ever refused.
+#[test]
+fn credentials_that_expire_are_refreshed_without_a_restart() {
+    const LIFETIME_S: u64 = 20;
+    let mut ex = Exchange::with(Settings {
+        poll_interval: "500ms".into(),
+        ..Settings::default()
+    });
+    ex.write_config(&with_table_lines(
+        &ex.config_text(),
+        "s3",
+        "profile = \"short-lived\"",
+    ));
+    let fetches = ex.root.join("credential-fetches");
+    let script = ex.root.join("credential-process.sh");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/sh
+# Hands out credentials that expire {LIFETIME_S} s from now, like STS or SSO.
+expires=$(( $(date +%s) + {LIFETIME_S} ))
+key="{SHORT_LIVED_PREFIX}$expires"
+echo "$key" >> '{fetches}'
+printf '{{"Version": 1, "AccessKeyId": "%s", "SecretAccessKey": "%s", "Expiration": "%s"}}\n' \
+  "$key" "{secret_prefix}$key" "$(date -u -d "@$expires" +%Y-%m-%dT%H:%M:%SZ)"
+"#,
+            fetches = fetches.display(),
+            secret_prefix = short_lived_secret(""),
+        ),
+    )
+    .expect("write the credential process");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the credential process");
+    let aws_config = ex.root.join("aws-config");
+    std::fs::write(
+        &aws_config,
+        format!(
+            "[profile short-lived]\ncredential_process = {}\n",
+            script.display()
+        ),
+    )
+    .expect("write the AWS config file");
+    ex.start_with(|cmd| {
+        cmd.env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_CONFIG_FILE", &aws_config);
+    });
+    let pid = ex.daemon().pid();
+    let fetched = || {
+        std::fs::read_to_string(&fetches)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    // Trade all along: a file each way per credential set.
+    let mut round = 0;
+    let deadline = Instant::now() + Duration::from_secs(4 * LIFETIME_S);
+    while fetched() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} credential fetches in {}s\n{}",
+            fetched(),
+            4 * LIFETIME_S,
+            ex.diagnostics()
+        );
+        let up = format!("round-{round}.txt");
+        let down = format!("delivery-{round}.txt");
+        write_file(&ex.outbox.join(&up), up.as_bytes());
+        ex.owner.put(&ex.delivery_key(&down), down.as_bytes());
+        ex.wait_for(&format!("{up} sent and {down} received"), || {
+            ex.sent.join(&up).exists() && ex.inbox.join(&down).exists()
+        });
+        round += 1;
+    }
+    assert_eq!(ex.daemon().pid(), pid, "the daemon was restarted");
+    let refused: Vec<String> = ex
+        .proxy
+        .requests()
+        .iter()
+        .filter(|r| r.status.is_some_and(|s| s >= 400))
+        .map(Recorded::summary)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "requests refused (expired credentials used?): {refused:#?}\n{}",
+        ex.diagnostics()
+    );
+    let keys = std::fs::read_to_string(&fetches).unwrap_or_default();
+    let used: std::collections::BTreeSet<String> = ex
+        .proxy
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            let auth = r.header("authorization")?;
+            let key = auth.split("Credential=").nth(1)?.split('/').next()?;
+            Some(key.to_owned())
+        })
+        .collect();
+    assert!(
+        used.len() >= 3,
+        "the requests were signed with {} credential sets, expected one per lifetime: {used:?}\nfetched:\n{keys}",
+        used.len()
+    );
+    assert_eq!(ex.stop().code(), Some(0), "{}", ex.diagnostics());
 }
 
 // ---------------------------------------------------------------------------------------

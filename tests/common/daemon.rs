@@ -92,12 +92,17 @@ impl Daemon {
     /// Spawns `s3-exchange --config <config> <subcommand>`; stderr goes to `stderr_path`,
     /// stdout beside it with the extension `.stdout`.
     pub fn spawn(home: &Path, config: &Path, subcommand: &str, stderr_path: PathBuf) -> Self {
+        Self::spawn_command(command(home, config, subcommand), stderr_path)
+    }
+
+    /// Spawns `cmd` (made by [`command`], then adjusted) like [`Daemon::spawn`].
+    pub fn spawn_command(mut cmd: Command, stderr_path: PathBuf) -> Self {
         let stderr = File::create(&stderr_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
         let stdout_path = stderr_path.with_extension("stdout");
         let stdout = File::create(&stdout_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", stdout_path.display()));
-        let child = command(home, config, subcommand)
+        let child = cmd
             .stdout(stdout)
             .stderr(stderr)
             .spawn()

@@ -258,6 +258,12 @@ impl Exchange {
 
     /// Starts `s3-exchange run`. Panics if a daemon is still running.
     pub fn start(&mut self) -> &Daemon {
+        self.start_with(|_| {})
+    }
+
+    /// Starts `s3-exchange run` with the environment changed by `adjust` (for example
+    /// other credentials). Panics if a daemon is still running.
+    pub fn start_with(&mut self, adjust: impl FnOnce(&mut std::process::Command)) -> &Daemon {
         if let Some(old) = &self.daemon {
             assert!(
                 old.try_exit().is_some(),
@@ -266,7 +272,9 @@ impl Exchange {
             );
         }
         let stderr = self.next_stderr_path("run");
-        self.daemon = Some(Daemon::spawn(&self.root, &self.config_path, "run", stderr));
+        let mut cmd = daemon::command(&self.root, &self.config_path, "run");
+        adjust(&mut cmd);
+        self.daemon = Some(Daemon::spawn_command(cmd, stderr));
         self.daemon()
     }
 

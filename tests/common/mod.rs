@@ -28,7 +28,7 @@ pub use daemon::{Daemon, Finished, wait_while_running};
 pub use fixture::{BUCKET, Exchange, Settings};
 pub use owner::Owner;
 pub use proxy::{Fault, Injected, Proxy, Recorded, get_of};
-pub use server::S3Server;
+pub use server::{S3Server, SHORT_LIVED_PREFIX, short_lived_secret};
 
 /// How long any single wait may take before the test fails. Generous because the machine has
 /// two cores that may be busy compiling; a passing run never waits this long.

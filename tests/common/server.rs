@@ -5,14 +5,53 @@ use std::path::Path;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
-use s3s::auth::SimpleAuth;
+use s3s::auth::{S3Auth, SecretKey};
 use s3s::service::{S3Service, S3ServiceBuilder};
+use s3s::{S3Error, S3ErrorCode, S3Result};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 
-/// The only credentials the server accepts; the daemon gets them through the environment.
+/// The long-lived credentials the server accepts; the daemon gets them through the
+/// environment.
 pub const ACCESS_KEY: &str = "test";
 pub const SECRET_KEY: &str = "test";
+
+/// Short-lived credentials, as an assumed role or an SSO session hands out: the access key
+/// is this prefix and the Unix time it expires at; the secret is [`short_lived_secret`] of
+/// it. The server refuses such a key with `ExpiredToken` once that time has passed.
+pub const SHORT_LIVED_PREFIX: &str = "EXPIRES";
+
+/// The secret of the short-lived access key `access_key`.
+pub fn short_lived_secret(access_key: &str) -> String {
+    format!("secret-of-{access_key}")
+}
+
+/// The server's credential check: the long-lived pair, and short-lived keys until they
+/// expire.
+struct TestAuth;
+
+#[async_trait::async_trait]
+impl S3Auth for TestAuth {
+    async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
+        if access_key == ACCESS_KEY {
+            return Ok(SecretKey::from(SECRET_KEY));
+        }
+        let expires: u64 = access_key
+            .strip_prefix(SHORT_LIVED_PREFIX)
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| S3Error::new(S3ErrorCode::InvalidAccessKeyId))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if now >= expires {
+            return Err(S3Error::with_message(
+                S3ErrorCode::ExpiredToken,
+                "The provided token has expired.",
+            ));
+        }
+        Ok(SecretKey::from(short_lived_secret(access_key)))
+    }
+}
 
 /// s3s-fs 0.14.1 serving the folder `root` on `127.0.0.1:<ephemeral>`. Stops on drop.
 pub struct S3Server {
@@ -32,7 +71,7 @@ impl S3Server {
             .expect("build the S3 server's runtime");
         let fs = s3s_fs::FileSystem::new(root).expect("open the s3s-fs data folder");
         let mut builder = S3ServiceBuilder::new(fs);
-        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        builder.set_auth(TestAuth);
         let service = builder.build();
 
         let listener = runtime
