@@ -548,8 +548,13 @@ async fn forward(
                         ),
                     ));
                 }
+                applied.0.fetch_add(1, Ordering::SeqCst);
             }
-            Fault::Delay(delay) => tokio::time::sleep(delay).await,
+            Fault::Delay(delay) => {
+                // Counted before the wait: a client that gives up meanwhile drops this.
+                applied.0.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+            }
             Fault::Error {
                 status,
                 code,
@@ -568,11 +573,9 @@ async fn forward(
                 applied.0.fetch_add(1, Ordering::SeqCst);
                 std::future::pending::<()>().await;
             }
-            Fault::CutResponse { .. } | Fault::Corrupt => {
-                unreachable!("response faults are planned later")
-            }
+            // Planned only for responses (`Fault::on_response`): never here.
+            Fault::CutResponse { .. } | Fault::Corrupt => {}
         }
-        applied.0.fetch_add(1, Ordering::SeqCst);
     }
 
     let (mut parts, body) = req.into_parts();
