@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 /// the inbox, whole and exactly once.
 ///
 /// Exit codes: 0 success; 1 a command found failures; 3 `status`: the daemon is not
-/// running; 73 a folder cannot be created; 74 the ledger cannot be opened; 75 another
+/// running; 73 a folder cannot be created; 74 the ledger cannot be opened or written; 75 another
 /// instance holds the ledger; 78 configuration error.
 #[derive(Debug, Parser)]
 #[command(name = "s3-exchange", version, about, long_about)]

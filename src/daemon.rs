@@ -242,6 +242,12 @@ impl Daemon {
             let next = loop {
                 tokio::select! {
                     () = shutdown.cancelled() => break None,
+                    () = ledger.broken() => {
+                        if let Some(err) = ledger.failure() {
+                            tracing::error!(error = %err, "the ledger cannot be written: stopping");
+                        }
+                        break None;
+                    }
                     () = control.poll_now.notified() => workers.inbox.poll_now.notify_one(),
                     () = control.reload.notified() => {
                         if let Some(new) = reread(&config) {
@@ -287,7 +293,11 @@ impl Daemon {
         }
         services.cancel();
         let _ = publisher.await;
-        let result = finish(&ledger, summary).await;
+        let result = match ledger.failure() {
+            // Not a clean stop: exit non-zero so that a service manager restarts it.
+            Some(err) => Err(err.into()),
+            None => finish(&ledger, summary).await,
+        };
         let last = Snapshot::now(&identity, Phase::Stopped, reloads);
         if let Err(err) = last.write(&config.state_dir) {
             tracing::warn!(error = %err, "cannot write the final status snapshot");
@@ -297,6 +307,15 @@ impl Daemon {
 
     /// One pass of both directions, for `sync`.
     pub async fn sync(self, shutdown: CancellationToken) -> Result<Summary, Error> {
+        // A ledger that cannot be written ends the pass at once, as it ends a run.
+        let shutdown = shutdown.child_token();
+        let watch = {
+            let (ledger, shutdown) = (Arc::clone(&self.ledger), shutdown.clone());
+            tokio::spawn(async move {
+                ledger.broken().await;
+                shutdown.cancel();
+            })
+        };
         let outbox = tokio::spawn(Arc::clone(&self.workers.outbox).run_once(shutdown.clone()));
         let inbox = {
             let inbox = Arc::clone(&self.workers.inbox);
@@ -307,7 +326,11 @@ impl Daemon {
             outbox: outbox.await.unwrap_or_default(),
             inbox: inbox.await.unwrap_or_default(),
         };
-        finish(&self.ledger, summary).await
+        watch.abort();
+        match self.ledger.failure() {
+            Some(err) => Err(err.into()),
+            None => finish(&self.ledger, summary).await,
+        }
     }
 }
 

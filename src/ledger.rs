@@ -35,6 +35,10 @@ pub enum Error {
     Open { path: PathBuf, source: sled::Error },
     #[error("ledger {path}: {source}")]
     Io { path: PathBuf, source: sled::Error },
+    #[error(
+        "cannot write the ledger {path}: {reason}. s3-exchange stops rather than transfer what it cannot remember: free space on (or repair) the disk of state.dir, then start it again (systemd restarts it); what was transferred but not recorded is checked again, not duplicated"
+    )]
+    Broken { path: PathBuf, reason: String },
     #[error("ledger {path}: record for {key} is unreadable: {source}")]
     Corrupt {
         path: PathBuf,
@@ -109,6 +113,10 @@ pub struct Ledger {
     inserted: AtomicU64,
     durable: AtomicU64,
     flushing: tokio::sync::Mutex<()>,
+    /// The first failure to write (disk full, IO error), after which sled refuses every
+    /// write until the ledger is reopened: the daemon must stop, see [`Ledger::broken`].
+    broken: std::sync::OnceLock<String>,
+    broken_signal: tokio::sync::Notify,
 }
 
 impl Ledger {
@@ -154,6 +162,8 @@ impl Ledger {
             inserted: AtomicU64::new(0),
             durable: AtomicU64::new(0),
             flushing: tokio::sync::Mutex::new(()),
+            broken: std::sync::OnceLock::new(),
+            broken_signal: tokio::sync::Notify::new(),
             db,
             path,
         })
@@ -192,7 +202,9 @@ impl Ledger {
     }
 
     pub async fn forget_upload(&self, key: &ObjectKey) -> Result<(), Error> {
-        self.uploads.remove(key.as_str()).map_err(|s| self.io(s))?;
+        self.uploads
+            .remove(key.as_str())
+            .map_err(|s| self.write_failed(s))?;
         let seq = self.inserted.fetch_add(1, Ordering::SeqCst) + 1;
         self.flush_through(seq).await
     }
@@ -219,6 +231,23 @@ impl Ledger {
         (self.sent.len(), self.received.len())
     }
 
+    /// Resolves once a write failed: from then on nothing can be recorded (sled keeps
+    /// refusing until reopened), so the daemon must stop transferring.
+    pub async fn broken(&self) {
+        let notified = self.broken_signal.notified();
+        if self.broken.get().is_none() {
+            notified.await;
+        }
+    }
+
+    /// The write failure that broke the ledger, as the error the daemon exits with.
+    pub fn failure(&self) -> Option<Error> {
+        self.broken.get().map(|reason| Error::Broken {
+            path: self.path.clone(),
+            reason: reason.clone(),
+        })
+    }
+
     /// Writes everything to disk; called on shutdown.
     pub async fn flush(&self) -> Result<(), Error> {
         self.flush_through(self.inserted.load(Ordering::SeqCst))
@@ -237,7 +266,7 @@ impl Ledger {
         tokio::task::spawn_blocking(move || db.flush())
             .await
             .map_err(|e| self.io(sled::Error::Io(std::io::Error::other(e))))?
-            .map_err(|source| self.io(source))?;
+            .map_err(|source| self.write_failed(source))?;
         self.durable.fetch_max(covers, Ordering::SeqCst);
         Ok(())
     }
@@ -271,9 +300,18 @@ impl Ledger {
             key: key.to_string(),
             source,
         })?;
-        tree.insert(key.as_str(), bytes).map_err(|s| self.io(s))?;
+        tree.insert(key.as_str(), bytes)
+            .map_err(|s| self.write_failed(s))?;
         let seq = self.inserted.fetch_add(1, Ordering::SeqCst) + 1;
         self.flush_through(seq).await
+    }
+
+    /// A failed write: remembered (the first one) and announced to [`Ledger::broken`].
+    fn write_failed(&self, source: sled::Error) -> Error {
+        if self.broken.set(source.to_string()).is_ok() {
+            self.broken_signal.notify_waiters();
+        }
+        self.io(source)
     }
 
     fn io(&self, source: sled::Error) -> Error {

@@ -591,3 +591,106 @@ fn a_damaged_or_newer_ledger_stops_the_daemon_and_nothing_is_fetched_again() {
     );
     assert!(!ex.inbox.join("once.txt").exists());
 }
+
+/// Fills the file system `dir` is on with one file, `dir/filler`, until it is full.
+fn fill_up(dir: &std::path::Path) {
+    use std::io::Write as _;
+    let mut filler = std::fs::File::create(dir.join("filler")).expect("create the filler");
+    let block = vec![0u8; 64 * KIB];
+    while filler
+        .write_all(&block)
+        .and_then(|()| filler.sync_all())
+        .is_ok()
+    {}
+    // Also the last few bytes a smaller write still finds.
+    while filler.write_all(&[0u8; 512]).is_ok() {}
+}
+
+/// The state folder's disk fills up while files go each way, so the ledger cannot record
+/// what was transferred (and sled refuses every write from then on). The daemon stops at
+/// once with exit 74 and a line naming the ledger, the cause and the fix, rather than go on
+/// transferring what it cannot remember. Nothing is lost or half-done: every delivery is in
+/// the inbox at most once, every upload in sent/ or still in the outbox. Once space returns
+/// a restart completes everything, with no duplicate anywhere, and the ledger opens.
+#[test]
+fn a_full_state_disk_stops_the_daemon_cleanly_and_a_restart_completes_everything() {
+    let test = "a_full_state_disk_stops_the_daemon_cleanly_and_a_restart_completes_everything";
+    const DELIVERIES: usize = 200;
+    let mut ex = Exchange::with(Settings {
+        poll_interval: "300ms".into(),
+        ..Settings::default()
+    });
+    let state = ex.state.clone();
+    let _tmpfs = match common::inbox_bed::Tmpfs::mount(&state, "8m") {
+        Ok(t) => t,
+        Err(why) => {
+            common::inbox_bed::skip(test, &why);
+            return;
+        }
+    };
+    ex.start();
+    ex.wait_for_polls(ex.delivery_lists(), 2);
+    fill_up(&state);
+    let name = |i: usize| format!("many/{i:03}.txt");
+    let bytes = |i: usize| format!("delivery {i}\n").into_bytes();
+    for i in 0..DELIVERIES {
+        ex.owner.put(&ex.delivery_key(&name(i)), &bytes(i));
+    }
+    let ups: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| (format!("up-{i}.txt"), random_bytes(500 + i, 800 + i as u64)))
+        .collect();
+    for (rel, bytes) in &ups {
+        write_file(&ex.outbox.join(rel), bytes);
+    }
+    let status = ex.daemon().wait_exit(common::TIMEOUT);
+    let stderr = ex.daemon().stderr();
+    assert_eq!(status.code(), Some(74), "{}", ex.diagnostics());
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("cannot write the ledger"))
+        .unwrap_or_else(|| panic!("no line says the ledger cannot be written\n{stderr}"));
+    assert!(
+        line.contains(&state.display().to_string())
+            && line.contains("No space left")
+            && line.contains("free space"),
+        "the line must name the ledger, the cause and the fix: {line}"
+    );
+    let expected: Vec<String> = (0..DELIVERIES).map(name).collect();
+    let landed = files_under(&ex.inbox);
+    let strays: Vec<&String> = landed.iter().filter(|f| !expected.contains(f)).collect();
+    assert!(
+        strays.is_empty(),
+        "unexpected files in the inbox: {strays:?}"
+    );
+    for (rel, _) in &ups {
+        assert!(
+            ex.outbox.join(rel).exists() != ex.sent.join(rel).exists(),
+            "{rel} must be in the outbox or in sent/, exactly one"
+        );
+    }
+
+    std::fs::remove_file(state.join("filler")).expect("make room");
+    ex.start();
+    ex.wait_for("every delivery and upload after the restart", || {
+        ups.iter().all(|(rel, _)| ex.sent.join(rel).exists())
+            && (0..DELIVERIES).all(|i| ex.inbox.join(name(i)).exists())
+    });
+    assert_eq!(ex.stop().code(), Some(0), "{}", ex.diagnostics());
+    let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    ex.assert_inbox_holds(&expected);
+    for i in 0..DELIVERIES {
+        assert_eq!(
+            read_file(&ex.inbox.join(name(i))),
+            Some(bytes(i)),
+            "{}",
+            name(i)
+        );
+    }
+    for (rel, bytes) in &ups {
+        assert_eq!(
+            ex.owner.get(&ex.submission_key(rel)).as_ref(),
+            Some(bytes),
+            "{rel}"
+        );
+    }
+}
