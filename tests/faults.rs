@@ -694,3 +694,95 @@ fn a_full_state_disk_stops_the_daemon_cleanly_and_a_restart_completes_everything
         );
     }
 }
+
+/// SIGTERM while a multipart upload and a large download are in flight and slower than the
+/// shutdown grace (the proxy holds their requests): the daemon exits 0 within the grace,
+/// leaves no temporary file, and the next start resumes the upload from its recorded parts
+/// (the same UploadId, no part sent twice) and fetches the delivery whole, once.
+#[test]
+fn sigterm_mid_transfer_resumes_or_cleans_up_at_the_next_start() {
+    let mut ex = Exchange::with(Settings {
+        poll_interval: "300ms".into(),
+        concurrency: 2,
+        ..Settings::default()
+    });
+    ex.write_config(&with_table_lines(
+        &ex.config_text(),
+        "transfer",
+        "shutdown_grace = \"1s\"",
+    ));
+    let up_key = ex.submission_key("big-up.bin");
+    let up_bytes = random_bytes(4 * 5 * MIB + 77, 901);
+    let down_key = ex.delivery_key("big-down.bin");
+    let down_bytes = random_bytes(6 * MIB + 3, 902);
+    ex.owner.put(&down_key, &down_bytes);
+    // Parts 2.. and the GET wait 20 s at the proxy: far beyond the 1 s grace.
+    let later_part = {
+        let sends = sends_part(&up_key);
+        move |r: &Recorded| sends(r) && r.query_param("partNumber").is_some_and(|n| n != "1")
+    };
+    let held = [
+        ex.proxy.inject(
+            later_part,
+            Fault::Delay(Duration::from_secs(20)),
+            usize::MAX,
+        ),
+        ex.proxy
+            .inject(gets(&down_key), Fault::Delay(Duration::from_secs(20)), 1),
+    ];
+    write_file(&ex.outbox.join("big-up.bin"), &up_bytes);
+    ex.start();
+    ex.wait_for(
+        "part 1 answered and the later part and the GET held",
+        || {
+            ex.proxy
+                .count(|r| sends_part(&up_key)(r) && r.status == Some(200))
+                >= 1
+                && held.iter().all(|h| h.count() >= 1)
+        },
+    );
+    let stopping = Instant::now();
+    assert_eq!(ex.stop().code(), Some(0), "{}", ex.diagnostics());
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "the stop took {took:?}: the grace is 1 s, the held requests 20 s"
+    );
+    assert!(
+        ex.outbox.join("big-up.bin").exists(),
+        "the upload was not done"
+    );
+    ex.assert_inbox_holds(&[]);
+    let before = ex.proxy.requests().len();
+
+    ex.proxy.clear_faults();
+    ex.start();
+    ex.wait_for("both transfers after the restart", || {
+        ex.sent.join("big-up.bin").exists()
+            && read_file(&ex.inbox.join("big-down.bin")).as_ref() == Some(&down_bytes)
+    });
+    assert_eq!(ex.stop().code(), Some(0), "{}", ex.diagnostics());
+    assert_eq!(ex.owner.get(&up_key).as_ref(), Some(&up_bytes));
+    ex.assert_inbox_holds(&["big-down.bin"]);
+    let requests = ex.proxy.requests();
+    let creates = requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.has_query_param("uploads") && about(&up_key)(r))
+        .count();
+    assert_eq!(
+        creates,
+        1,
+        "the upload started over\n{}",
+        ex.proxy.summary()
+    );
+    let part_one_again = requests[before..]
+        .iter()
+        .filter(|r| sends_part(&up_key)(r) && r.query_param("partNumber").as_deref() == Some("1"))
+        .count();
+    assert_eq!(
+        part_one_again,
+        0,
+        "part 1 (recorded before the stop) was sent again\n{}",
+        ex.proxy.summary()
+    );
+}
