@@ -113,7 +113,7 @@ fn parents_of(files: &[String]) -> Vec<String> {
 fn put_hostile(test: &str, bed: &Bed, hostile: Vec<Hostile>) -> Vec<Hostile> {
     let mut stored = Vec::new();
     for h in hostile {
-        match bed.extra.try_put(&h.key, &payload(&h.key)) {
+        match bed.owner.try_put(&h.key, &payload(&h.key)) {
             Ok(_) => stored.push(h),
             Err(e) => note(
                 test,
@@ -125,7 +125,7 @@ fn put_hostile(test: &str, bed: &Bed, hostile: Vec<Hostile>) -> Vec<Hostile> {
             ),
         }
     }
-    let listed = bed.extra.list_keys(&bed.settings.delivery_prefix);
+    let listed = bed.owner.list_keys(&bed.settings.delivery_prefix);
     stored
         .into_iter()
         .filter(|h| {
@@ -687,7 +687,7 @@ fn a_damaged_download_is_discarded_and_fetched_again() {
     let md5_bytes = random_bytes(MIB + 123, 61);
     let crc_bytes = random_bytes(MIB / 2 + 7, 62);
     bed.owner.put(&md5_key, &md5_bytes);
-    bed.extra.put_with_crc32(&crc_key, &crc_bytes);
+    bed.owner.put_with_crc32(&crc_key, &crc_bytes);
     let damaged = [
         bed.proxy.corrupt_gets(&bed.bucket, &md5_key, 1),
         bed.proxy.corrupt_gets(&bed.bucket, &crc_key, 1),
@@ -772,14 +772,14 @@ fn multipart_and_checksummed_objects_arrive_without_false_integrity_errors() {
     let crc_key = bed.key("crc.txt");
     let part1 = random_bytes(5 * MIB, 71);
     let part2 = random_bytes(MIB / 2 + 5, 72);
-    let etag = bed.extra.put_multipart(&multi_key, &[&part1, &part2]);
+    let etag = bed.owner.put_multipart(&multi_key, &[&part1, &part2]);
     assert!(
         etag.trim_matches('"').ends_with("-2"),
         "not a multipart ETag: {etag}"
     );
     let whole: Vec<u8> = [part1, part2].concat();
     let crc_bytes = b"carries a CRC32 the SDK checks\n".to_vec();
-    bed.extra.put_with_crc32(&crc_key, &crc_bytes);
+    bed.owner.put_with_crc32(&crc_key, &crc_bytes);
 
     bed.start();
     let multi = bed.inbox.join("multi.bin");

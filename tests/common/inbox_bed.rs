@@ -16,10 +16,8 @@
 //! server. The owner talks to the server directly. Every wait polls a
 //! condition until a deadline; nothing sleeps to synchronise.
 
-mod owner_extra;
 mod tmpfs;
 
-pub use owner_extra::OwnerExtra;
 pub use tmpfs::Tmpfs;
 
 use std::collections::BTreeMap;
@@ -109,14 +107,13 @@ pub struct Bed {
     tmpfs: Vec<(PathBuf, Tmpfs)>,
     runs: u32,
     last_stderr: Option<PathBuf>,
-    /// The harness's owner client, straight to the server.
+    /// The harness's owner client, straight to the server (hostile keys, multipart and
+    /// checksummed puts included).
     pub owner: Owner,
-    /// Puts the harness's owner cannot make (refusable, multipart, with a checksum).
-    pub extra: OwnerExtra,
     /// What the daemon talks to: every request and its status, and the faults tests inject.
     pub proxy: Proxy,
     server: Option<S3Server>,
-    /// The server's own endpoint (the owner's; the daemon's goes through the proxies).
+    /// The server's own endpoint (the owner's; the daemon's goes through the proxy).
     pub server_endpoint: String,
     pub bucket: String,
     pub settings: Settings,
@@ -174,14 +171,12 @@ impl Bed {
         let proxy = Proxy::start(&server_endpoint);
         let owner = Owner::new(&server_endpoint, &bucket);
         owner.create_bucket(&bucket);
-        let extra = OwnerExtra::new(&server_endpoint, &bucket);
         let mut bed = Self {
             daemon: None,
             tmpfs: Vec::new(),
             runs: 0,
             last_stderr: None,
             owner,
-            extra,
             proxy,
             server,
             server_endpoint,
