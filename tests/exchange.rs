@@ -190,12 +190,7 @@ fn outbox_files_arrive_whole_with_the_acl_and_leave_the_outbox() {
     );
 
     ex.assert_no_forbidden_calls();
-    assert_eq!(
-        ex.stop().code(),
-        Some(0),
-        "exit code on SIGTERM\n{}",
-        ex.diagnostics()
-    );
+    ex.stop_cleanly();
 }
 
 #[test]
@@ -244,12 +239,7 @@ fn acl_none_sends_no_acl_header_at_all() {
         );
     }
     ex.assert_no_forbidden_calls();
-    assert_eq!(
-        ex.stop().code(),
-        Some(0),
-        "exit code on SIGTERM\n{}",
-        ex.diagnostics()
-    );
+    ex.stop_cleanly();
 }
 
 #[test]
@@ -280,12 +270,7 @@ fn deliveries_arrive_once_across_restarts_and_changes_arrive_again() {
         &context,
     );
     ex.assert_inbox_holds(&["a.bin", "results/report.out"]);
-    assert_eq!(
-        ex.stop().code(),
-        Some(0),
-        "exit code on SIGTERM\n{}",
-        ex.diagnostics()
-    );
+    ex.stop_cleanly();
 
     // Restart: the ledger, not a re-download, says both are done.
     let gets = ex.delivery_gets();
@@ -335,12 +320,7 @@ fn deliveries_arrive_once_across_restarts_and_changes_arrive_again() {
     ex.assert_inbox_holds(&["a.bin", "results/report.out"]);
 
     ex.assert_no_forbidden_calls();
-    assert_eq!(
-        ex.stop().code(),
-        Some(0),
-        "exit code on SIGTERM\n{}",
-        ex.diagnostics()
-    );
+    ex.stop_cleanly();
 }
 
 #[test]
@@ -396,12 +376,7 @@ fn a_local_copy_the_user_changed_is_kept_beside_the_new_version() {
     ex.assert_inbox_holds(&[&beside, "keep.txt"]);
 
     ex.assert_no_forbidden_calls();
-    assert_eq!(
-        ex.stop().code(),
-        Some(0),
-        "exit code on SIGTERM\n{}",
-        ex.diagnostics()
-    );
+    ex.stop_cleanly();
 }
 
 #[test]

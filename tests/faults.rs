@@ -218,12 +218,7 @@ fn network_and_server_faults_lose_and_duplicate_nothing() {
     eprintln!("{report}");
     expected_inbox.sort_unstable();
     ex.assert_inbox_holds(&expected_inbox);
-    assert_eq!(
-        ex.stop().code(),
-        Some(0),
-        "exit status on SIGTERM\n{}",
-        ex.diagnostics()
-    );
+    ex.stop_cleanly();
 }
 
 /// The endpoint goes away (connections refused) while files wait each way, and comes back:
@@ -298,7 +293,7 @@ fn an_endpoint_that_is_down_for_a_while_is_reported_once_and_caught_up_with() {
     let mut expected: Vec<&str> = downs.iter().map(|(rel, _)| rel.as_str()).collect();
     expected.sort_unstable();
     ex.assert_inbox_holds(&expected);
-    assert_eq!(ex.stop().code(), Some(0), "{}", ex.diagnostics());
+    ex.stop_cleanly();
 }
 
 /// kill -9 at moments chosen by a seeded generator (printed) during heavy two-way traffic:
@@ -375,7 +370,7 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
                 .iter()
                 .all(|(rel, bytes)| read_file(&ex.inbox.join(rel)).as_ref() == Some(bytes))
     });
-    assert_eq!(ex.stop().code(), Some(0), "{}", ex.diagnostics());
+    ex.stop_cleanly();
 
     let mut sent: Vec<&str> = ups.iter().map(|(rel, _)| rel.as_str()).collect();
     sent.sort_unstable();
@@ -507,7 +502,7 @@ printf '{{"Version": 1, "AccessKeyId": "%s", "SecretAccessKey": "%s", "Expiratio
         "the requests were signed with {} credential sets, expected one per lifetime: {used:?}\nfetched:\n{keys}",
         used.len()
     );
-    assert_eq!(ex.stop().code(), Some(0), "{}", ex.diagnostics());
+    ex.stop_cleanly();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -538,7 +533,7 @@ fn a_second_instance_on_the_same_state_folder_refuses_to_start() {
     ex.wait_for("still.txt in sent/ (the first daemon)", || {
         ex.sent.join("still.txt").exists()
     });
-    assert_eq!(ex.stop().code(), Some(0));
+    ex.stop_cleanly();
 }
 
 /// A ledger that cannot be read (its log overwritten with garbage) or that a newer version
@@ -675,7 +670,7 @@ fn a_full_state_disk_stops_the_daemon_cleanly_and_a_restart_completes_everything
         ups.iter().all(|(rel, _)| ex.sent.join(rel).exists())
             && (0..DELIVERIES).all(|i| ex.inbox.join(name(i)).exists())
     });
-    assert_eq!(ex.stop().code(), Some(0), "{}", ex.diagnostics());
+    ex.stop_cleanly();
     let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
     ex.assert_inbox_holds(&expected);
     for i in 0..DELIVERIES {
@@ -742,7 +737,7 @@ fn sigterm_mid_transfer_resumes_or_cleans_up_at_the_next_start() {
         },
     );
     let stopping = Instant::now();
-    assert_eq!(ex.stop().code(), Some(0), "{}", ex.diagnostics());
+    ex.stop_cleanly();
     let took = stopping.elapsed();
     assert!(
         took < Duration::from_secs(15),
@@ -761,7 +756,7 @@ fn sigterm_mid_transfer_resumes_or_cleans_up_at_the_next_start() {
         ex.sent.join("big-up.bin").exists()
             && read_file(&ex.inbox.join("big-down.bin")).as_ref() == Some(&down_bytes)
     });
-    assert_eq!(ex.stop().code(), Some(0), "{}", ex.diagnostics());
+    ex.stop_cleanly();
     assert_eq!(ex.owner.get(&up_key).as_ref(), Some(&up_bytes));
     ex.assert_inbox_holds(&["big-down.bin"]);
     let requests = ex.proxy.requests();

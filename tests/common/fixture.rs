@@ -291,6 +291,18 @@ impl Exchange {
         daemon.wait_exit(TIMEOUT)
     }
 
+    /// SIGTERM, and asserts the daemon exits 0 (transfers finished, ledger flushed).
+    #[track_caller]
+    pub fn stop_cleanly(&self) {
+        let status = self.stop();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "exit status on SIGTERM\n{}",
+            self.diagnostics()
+        );
+    }
+
     /// Runs `s3-exchange <subcommand>` (e.g. `sync`) to completion.
     pub fn run_command(&mut self, subcommand: &str) -> Finished {
         let stderr = self.next_stderr_path(subcommand);
