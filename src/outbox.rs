@@ -289,7 +289,7 @@ impl State {
             .entry(path.to_owned())
             .and_modify(|c| {
                 if found == Found::ByEvent {
-                    c.touched(now);
+                    c.touched(stamp, now);
                 }
             })
             .or_insert_with(|| Candidate::new(stamp, now));

@@ -38,8 +38,12 @@ impl Candidate {
         }
     }
 
-    /// A watcher event restarts the settle clock: the file is being written.
-    pub fn touched(&mut self, now: Instant) {
+    /// A watcher event restarts the settle clock from the stamp seen with it: the file is
+    /// being written, and what it looks like now is what must stay unchanged. (Keeping the
+    /// first stamp instead would make the look at the due time see a "change" that the
+    /// events already accounted for, and wait a second settle time.)
+    pub fn touched(&mut self, stamp: FileStamp, now: Instant) {
+        self.stamp = stamp;
         self.quiet_since = now;
     }
 
@@ -258,7 +262,7 @@ mod tests {
         let t0 = Instant::now();
         let settle = Duration::from_secs(2);
         let mut c = Candidate::new(stamp(10, 1), t0);
-        c.touched(t0 + Duration::from_secs(1));
+        c.touched(stamp(10, 1), t0 + Duration::from_secs(1));
         assert!(!c.observe(stamp(10, 1), t0 + Duration::from_secs(2), settle));
         assert!(c.observe(stamp(10, 1), t0 + Duration::from_secs(3), settle));
         assert_eq!(c.due(settle), t0 + Duration::from_secs(3));
@@ -272,14 +276,27 @@ mod tests {
         for i in 1..=10u64 {
             // A write every second, the daemon looking in between.
             let at = t0 + Duration::from_secs(i);
-            c.touched(at);
             let grown = stamp(i * 100, i as i64);
+            c.touched(grown, at);
             assert!(!c.observe(grown, at, settle), "settled at write {i}");
             assert!(!c.observe(grown, at + Duration::from_millis(999), settle));
             assert_eq!(c.due(settle), at + settle, "due moves with every write");
         }
         let last = t0 + Duration::from_secs(10);
         assert!(c.observe(stamp(1000, 10), last + settle, settle));
+    }
+
+    #[test]
+    fn a_file_written_then_closed_settles_one_settle_time_after_its_last_event() {
+        // Create (empty), then the write and the close: each event brings the stamp seen
+        // with it, so the look at the due time finds it unchanged and it goes then.
+        let t0 = Instant::now();
+        let settle = Duration::from_millis(200);
+        let mut c = Candidate::new(stamp(0, 1), t0);
+        let closed = t0 + Duration::from_millis(1);
+        c.touched(stamp(1024, 2), closed);
+        assert_eq!(c.due(settle), closed + settle);
+        assert!(c.observe(stamp(1024, 2), closed + settle, settle));
     }
 
     #[test]
