@@ -329,20 +329,36 @@ impl Inbox {
                 self.root.path().display()
             )
         })?;
+        let root_path = self.root.path().display().to_string();
         let result = async {
-            let mut file = std::io::BufWriter::with_capacity(256 << 10, file);
-            let mut hasher = Md5::new();
-            let mut size = 0u64;
+            // The body is read here and written, hashed and fsynced on a blocking thread
+            // of its own, so the network and the disk work at once and the runtime's
+            // workers never block (a `block_in_place` per chunk cost a thread hand-off per
+            // 16 KiB: 35 s for 1 GiB).
+            let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_QUEUE);
+            let writer = tokio::task::spawn_blocking(move || write_and_hash(file, rx));
+            let mut broke_off = None;
             while let Some(chunk) = download.body.next().await {
-                let chunk =
-                    chunk.map_err(|e| format!("the download broke off: {}", error_chain(&e)))?;
-                hasher.update(&chunk);
-                size += chunk.len() as u64;
-                tokio::task::block_in_place(|| file.write_all(&chunk)).map_err(|e| {
-                    format!("cannot write into {}: {e}", self.root.path().display())
-                })?;
+                match chunk {
+                    Ok(chunk) => {
+                        if tx.send(chunk).await.is_err() {
+                            break; // the writer failed: its error says why
+                        }
+                    }
+                    Err(e) => {
+                        broke_off = Some(format!("the download broke off: {}", error_chain(&e)));
+                        break;
+                    }
+                }
             }
-            let md5: [u8; 16] = hasher.finalize().into();
+            drop(tx);
+            let written = writer
+                .await
+                .map_err(|e| format!("the writer of the download failed: {e}"))?;
+            if let Some(reason) = broke_off {
+                return Err(reason);
+            }
+            let (md5, size) = written.map_err(|e| format!("cannot write into {root_path}: {e}"))?;
             if let Some(expected) = download.content_length
                 && expected != size
             {
@@ -351,11 +367,6 @@ impl Inbox {
             if let Some(mismatch) = plan::md5_mismatch(download.etag.as_ref(), download.kms, &md5) {
                 return Err(mismatch);
             }
-            tokio::task::block_in_place(|| {
-                let file = file.into_inner().map_err(|e| e.into_error())?;
-                file.sync_all()
-            })
-            .map_err(|e| format!("cannot write into {}: {e}", self.root.path().display()))?;
             Ok((md5, size))
         }
         .await;
@@ -367,6 +378,29 @@ impl Inbox {
             }
         }
     }
+}
+
+/// How many body chunks may wait for the writer thread: bounds a download's memory (a
+/// chunk is at most a few dozen KiB) while the disk catches up.
+const WRITE_QUEUE: usize = 64;
+
+/// Writes the chunks arriving on `rx` into `file`, hashing them on the way, then fsyncs;
+/// returns the MD5 and the length. Runs on a blocking thread.
+fn write_and_hash(
+    file: std::fs::File,
+    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+) -> std::io::Result<([u8; 16], u64)> {
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut hasher = Md5::new();
+    let mut size = 0u64;
+    while let Some(chunk) = rx.blocking_recv() {
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        file.write_all(&chunk)?;
+    }
+    let file = file.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok((hasher.finalize().into(), size))
 }
 
 /// Renames the verified temp file to its place (or beside a file the user changed) and
