@@ -40,7 +40,8 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 POLL_OBJECTS = int(os.environ.get("BENCH_POLL_OBJECTS", "100000"))
 IDLE_SECONDS = int(os.environ.get("BENCH_IDLE_SECONDS", "300"))
 LATENCY_FILES = int(os.environ.get("BENCH_LATENCY_FILES", "200"))
-BUCKET = "bench"
+# A fresh bucket per run: objects of an earlier run must not be mistaken for this one's.
+BUCKET = f"bench-{int(time.time())}"
 SETTLE_MS = 200
 
 PEER_ENV = dict(

@@ -380,9 +380,9 @@ impl Inbox {
     }
 }
 
-/// How many body chunks may wait for the writer thread: bounds a download's memory (a
-/// chunk is at most a few dozen KiB) while the disk catches up.
-const WRITE_QUEUE: usize = 64;
+/// How many body chunks may wait for the writer thread while the disk catches up: bounds
+/// a download's memory (the SDK hands out chunks of up to about 1 MiB).
+const WRITE_QUEUE: usize = 8;
 
 /// Writes the chunks arriving on `rx` into `file`, hashing them on the way, then fsyncs;
 /// returns the MD5 and the length. Runs on a blocking thread.
