@@ -41,7 +41,7 @@ POLL_OBJECTS = int(os.environ.get("BENCH_POLL_OBJECTS", "100000"))
 IDLE_SECONDS = int(os.environ.get("BENCH_IDLE_SECONDS", "300"))
 LATENCY_FILES = int(os.environ.get("BENCH_LATENCY_FILES", "200"))
 # A fresh bucket per run: objects of an earlier run must not be mistaken for this one's.
-BUCKET = f"bench-{int(time.time())}"
+BUCKET = os.environ.get("BENCH_BUCKET") or f"bench-{int(time.time())}"
 SETTLE_MS = 200
 
 PEER_ENV = dict(
@@ -250,13 +250,15 @@ def scenario_small(work, client, summary):
         for i in range(1000):
             with open(os.path.join(src, f"f{i:04d}"), "wb") as f:
                 f.write(body)
-        put_many(client, f"Delivery/small-{r}/", 1000, body)
         d = Daemon(os.path.join(work, f"smalld-{r}"))
         t0 = time.monotonic()
         shutil.copytree(src, os.path.join(d.base, "staging"))
         os.rename(os.path.join(d.base, "staging"), os.path.join(d.base, "outbox", "batch"))
         wait_until("1000 uploads", lambda: count_files(os.path.join(d.base, "sent")) == 1000, step=0.02)
         up["s3-exchange"].append(time.monotonic() - t0)
+        # Delivered only now: the daemon's start-up poll must not fetch them during the
+        # upload measurement (nor have them fetched before the download one starts).
+        put_many(client, f"Delivery/small-{r}/", 1000, body)
         t0 = time.monotonic()
         d.poll_now()
         wait_until("1000 deliveries", lambda: count_files(os.path.join(d.base, "inbox", f"small-{r}")) == 1000 if os.path.isdir(os.path.join(d.base, "inbox", f"small-{r}")) else False, step=0.02)
