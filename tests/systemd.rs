@@ -332,6 +332,15 @@ fn the_service_runs_under_a_real_systemd() {
             sb.cp(Path::new(&deb), "/root/s3-exchange.deb", "644");
             sb.ok(&["dpkg", "-i", "/root/s3-exchange.deb"]);
             sb.ok(&["test", "-f", "/etc/s3-exchange/config.example.toml"]);
+            // The manual pages, where man finds them, and they render (when man-db is
+            // installed; the package does not depend on it).
+            let page = "/usr/share/man/man1/s3-exchange.1.gz";
+            sb.ok(&["test", "-f", page]);
+            if sb.run(&["sh", "-c", "command -v man"]).status.success() {
+                assert_eq!(sb.ok(&["man", "-w", "s3-exchange"]), page);
+                let check = sb.ok(&["man", "-P", "cat", "s3-exchange-check"]);
+                assert!(check.contains("probe"), "{check}");
+            }
         }
         None => {
             sb.cp(Path::new(BIN), "/usr/bin/s3-exchange", "755");
