@@ -318,7 +318,8 @@ impl Inbox {
     }
 
     /// Streams the body into a new temp file, checking length and (where the ETag is
-    /// an MD5) content; the temp file is removed on any failure.
+    /// an MD5) content; the temp file is removed on any failure, and also when the
+    /// download is abandoned (its task aborted at the end of the shutdown grace).
     async fn write_temp(
         &self,
         mut download: crate::store::Download,
@@ -329,74 +330,113 @@ impl Inbox {
                 self.root.path().display()
             )
         })?;
+        let temp = TempFile {
+            root: &self.root,
+            name: Some(name),
+        };
         let root_path = self.root.path().display().to_string();
-        let result = async {
-            // The body is read here and written, hashed and fsynced on a blocking thread
-            // of its own, so the network and the disk work at once and the runtime's
-            // workers never block (a `block_in_place` per chunk cost a thread hand-off per
-            // 16 KiB: 35 s for 1 GiB).
-            let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_QUEUE);
-            let writer = tokio::task::spawn_blocking(move || write_and_hash(file, rx));
-            let mut broke_off = None;
-            while let Some(chunk) = download.body.next().await {
-                match chunk {
-                    Ok(chunk) => {
-                        if tx.send(chunk).await.is_err() {
-                            break; // the writer failed: its error says why
-                        }
-                    }
-                    Err(e) => {
-                        broke_off = Some(format!("the download broke off: {}", error_chain(&e)));
-                        break;
+        // The body is read here and written, hashed and fsynced on a blocking thread of
+        // its own, so the network and the disk work at once and the runtime's workers
+        // never block (a `block_in_place` per chunk cost a thread hand-off per chunk: 35 s
+        // for 1 GiB). Only an explicit `End` makes the writer fsync: a body that broke off
+        // (or a task dropped mid-way) is not worth syncing.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(WRITE_QUEUE);
+        let writer = tokio::task::spawn_blocking(move || write_and_hash(file, rx));
+        let mut broke_off = None;
+        while let Some(chunk) = download.body.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    if tx.send(Piece::Chunk(chunk)).await.is_err() {
+                        break; // the writer failed: its error says why
                     }
                 }
+                Err(e) => {
+                    broke_off = Some(format!("the download broke off: {}", error_chain(&e)));
+                    break;
+                }
             }
-            drop(tx);
-            let written = writer
-                .await
-                .map_err(|e| format!("the writer of the download failed: {e}"))?;
-            if let Some(reason) = broke_off {
-                return Err(reason);
-            }
-            let (md5, size) = written.map_err(|e| format!("cannot write into {root_path}: {e}"))?;
-            if let Some(expected) = download.content_length
-                && expected != size
-            {
-                return Err(format!("got {size} bytes, expected {expected}"));
-            }
-            if let Some(mismatch) = plan::md5_mismatch(download.etag.as_ref(), download.kms, &md5) {
-                return Err(mismatch);
-            }
-            Ok((md5, size))
         }
-        .await;
-        match result {
-            Ok((md5, size)) => Ok((name, md5, size)),
-            Err(e) => {
-                self.root.remove_temp(&name);
-                Err(e)
-            }
+        if broke_off.is_none() {
+            // Fails only if the writer already failed: its error says why.
+            let _ = tx.send(Piece::End).await;
+        }
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| format!("the writer of the download failed: {e}"))?;
+        if let Some(reason) = broke_off {
+            return Err(reason);
+        }
+        let (md5, size) = written.map_err(|e| format!("cannot write into {root_path}: {e}"))?;
+        if let Some(expected) = download.content_length
+            && expected != size
+        {
+            return Err(format!("got {size} bytes, expected {expected}"));
+        }
+        if let Some(mismatch) = plan::md5_mismatch(download.etag.as_ref(), download.kms, &md5) {
+            return Err(mismatch);
+        }
+        Ok((temp.keep(), md5, size))
+    }
+}
+
+/// A download's temp file, removed on drop unless [`TempFile::keep`] hands it on.
+struct TempFile<'a> {
+    root: &'a InboxRoot,
+    name: Option<String>,
+}
+
+impl TempFile<'_> {
+    fn keep(mut self) -> String {
+        self.name.take().unwrap_or_default()
+    }
+}
+
+impl Drop for TempFile<'_> {
+    fn drop(&mut self) {
+        if let Some(name) = &self.name {
+            self.root.remove_temp(name);
         }
     }
 }
 
+/// What the body reader hands the writer thread.
+enum Piece {
+    Chunk(bytes::Bytes),
+    /// The body is complete: flush and fsync.
+    End,
+}
+
 /// How many body chunks may wait for the writer thread while the disk catches up: bounds
-/// a download's memory (the SDK hands out chunks of up to about 1 MiB).
+/// a download's memory (hyper hands out chunks of at most a few dozen KiB).
 const WRITE_QUEUE: usize = 8;
 
-/// Writes the chunks arriving on `rx` into `file`, hashing them on the way, then fsyncs;
-/// returns the MD5 and the length. Runs on a blocking thread.
+/// Writes the chunks arriving on `rx` into `file`, hashing them on the way, and fsyncs once
+/// the body is complete; returns the MD5 and the length. Without an `End` (the body broke
+/// off, the download was abandoned) it stops with `Interrupted` and syncs nothing. Runs on
+/// a blocking thread.
 fn write_and_hash(
     file: std::fs::File,
-    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    mut rx: tokio::sync::mpsc::Receiver<Piece>,
 ) -> std::io::Result<([u8; 16], u64)> {
-    let mut file = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut file = std::io::BufWriter::with_capacity(256 << 10, file);
     let mut hasher = Md5::new();
     let mut size = 0u64;
-    while let Some(chunk) = rx.blocking_recv() {
-        hasher.update(&chunk);
-        size += chunk.len() as u64;
-        file.write_all(&chunk)?;
+    loop {
+        match rx.blocking_recv() {
+            Some(Piece::Chunk(chunk)) => {
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                file.write_all(&chunk)?;
+            }
+            Some(Piece::End) => break,
+            None => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "the download ended before its body did",
+                ));
+            }
+        }
     }
     let file = file.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;

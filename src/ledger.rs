@@ -154,6 +154,15 @@ impl Ledger {
                 db.insert("schema", &SCHEMA.to_be_bytes()).map_err(io)?;
             }
         }
+        // A ledger that cannot be written (its disk full) must stop the daemon before it
+        // transfers anything, not after: a restart loop would fetch again and again what
+        // it can never record.
+        db.insert("opened_at_ms", &now_ms().to_be_bytes())
+            .and_then(|_| db.flush())
+            .map_err(|source| Error::Broken {
+                path: path.clone(),
+                reason: source.to_string(),
+            })?;
         Ok(Self {
             sent: db.open_tree("sent").map_err(io)?,
             received: db.open_tree("received").map_err(io)?,
@@ -337,6 +346,25 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_failed_write_breaks_the_ledger_and_wakes_its_watchers() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        assert!(ledger.failure().is_none());
+        let watcher = ledger.broken();
+        let err = ledger.write_failed(sled::Error::Io(std::io::Error::other("disk full")));
+        assert!(matches!(err, Error::Io { .. }));
+        tokio::time::timeout(std::time::Duration::from_secs(5), watcher)
+            .await
+            .expect("broken() resolves once a write failed");
+        let failure = ledger.failure().expect("the failure is kept");
+        assert!(failure.to_string().contains("disk full"), "{failure}");
+        // A later watcher resolves at once.
+        tokio::time::timeout(std::time::Duration::from_secs(5), ledger.broken())
+            .await
+            .expect("broken() resolves at once after the failure");
+    }
 
     fn key(k: &str) -> ObjectKey {
         ObjectKey::from_listing(k.to_owned())

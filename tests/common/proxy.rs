@@ -306,8 +306,9 @@ pub struct Proxy {
     endpoint: String,
     addr: SocketAddr,
     shared: Arc<Shared>,
-    /// Cancelled to stop listening and drop every open connection (the endpoint is down).
-    up: Mutex<CancellationToken>,
+    /// Cancelled to stop listening and drop every open connection (the endpoint is down),
+    /// with the accept loop, whose end means the port is closed.
+    up: Mutex<(CancellationToken, Option<tokio::task::JoinHandle<()>>)>,
     runtime: Option<Runtime>,
 }
 
@@ -341,12 +342,12 @@ impl Proxy {
             .expect("bind the proxy to 127.0.0.1:0");
         let addr = listener.local_addr().expect("proxy's local address");
         let up = CancellationToken::new();
-        runtime.spawn(serve(listener, Arc::clone(&shared), up.clone()));
+        let accepting = runtime.spawn(serve(listener, Arc::clone(&shared), up.clone()));
         Self {
             endpoint: format!("http://{addr}"),
             addr,
             shared,
-            up: Mutex::new(up),
+            up: Mutex::new((up, Some(accepting))),
             runtime: Some(runtime),
         }
     }
@@ -422,23 +423,29 @@ impl Proxy {
         lock(&self.shared.rules).clear();
     }
 
-    /// The endpoint goes down: connections are refused, and open ones are dropped.
+    /// The endpoint goes down: connections are refused, and open ones are dropped. Returns
+    /// once the port is closed.
     pub fn go_down(&self) {
-        lock(&self.up).cancel();
+        let mut up = lock(&self.up);
+        up.0.cancel();
+        if let (Some(accepting), Some(runtime)) = (up.1.take(), self.runtime.as_ref()) {
+            let _ = runtime.block_on(accepting);
+        }
     }
 
     /// The endpoint comes back on the same address.
     pub fn come_back(&self) {
         let mut up = lock(&self.up);
-        if !up.is_cancelled() {
+        if !up.0.is_cancelled() {
             return;
         }
         let runtime = self.runtime.as_ref().expect("the proxy's runtime");
         let listener = runtime
             .block_on(listen(self.addr))
             .unwrap_or_else(|e| panic!("listen again on {}: {e}", self.addr));
-        *up = CancellationToken::new();
-        runtime.spawn(serve(listener, Arc::clone(&self.shared), up.clone()));
+        let token = CancellationToken::new();
+        let accepting = runtime.spawn(serve(listener, Arc::clone(&self.shared), token.clone()));
+        *up = (token, Some(accepting));
     }
 }
 
