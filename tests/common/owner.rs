@@ -99,26 +99,7 @@ impl Owner {
 
     /// Every key under `prefix`, sorted, following continuation tokens.
     pub fn list(&self, prefix: &str) -> Vec<String> {
-        self.runtime.block_on(async {
-            let mut keys = Vec::new();
-            let mut pages = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(prefix)
-                .into_paginator()
-                .send();
-            while let Some(page) = pages.next().await {
-                let page = page.unwrap_or_else(|e| panic!("owner: list {prefix}: {e:?}"));
-                keys.extend(
-                    page.contents()
-                        .iter()
-                        .filter_map(|o| o.key().map(str::to_owned)),
-                );
-            }
-            keys.sort();
-            keys
-        })
+        self.keys_under(prefix, None)
     }
 
     /// Whether the bucket exists (HeadBucket: a bucket-level call the daemon must never make).
@@ -257,6 +238,12 @@ impl Owner {
     /// Every key under `prefix`, sorted, listed with `encoding-type=url` and decoded, so
     /// that keys with characters XML cannot carry (NUL, other controls) come back intact.
     pub fn list_keys(&self, prefix: &str) -> Vec<String> {
+        self.keys_under(prefix, Some(EncodingType::Url))
+    }
+
+    /// Every key under `prefix`, sorted, following continuation tokens; with `encoding`,
+    /// the keys of pages the server encoded are decoded.
+    fn keys_under(&self, prefix: &str, encoding: Option<EncodingType>) -> Vec<String> {
         self.runtime.block_on(async {
             let mut keys = Vec::new();
             let mut pages = self
@@ -264,7 +251,7 @@ impl Owner {
                 .list_objects_v2()
                 .bucket(&self.bucket)
                 .prefix(prefix)
-                .encoding_type(EncodingType::Url)
+                .set_encoding_type(encoding)
                 .into_paginator()
                 .send();
             while let Some(page) = pages.next().await {
@@ -284,32 +271,8 @@ impl Owner {
     }
 }
 
-/// Decodes `%XX` escapes (and `+`, which S3 writes for a space) of an encoded listing.
+/// Decodes an `encoding-type=url` listing's key (`+` is a space there).
 fn url_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = match bytes.get(i..i + 3) {
-            Some([b'%', hi, lo]) => std::str::from_utf8(&[*hi, *lo])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok()),
-            _ => None,
-        };
-        match (escaped, bytes[i]) {
-            (Some(b), _) => {
-                out.push(b);
-                i += 3;
-            }
-            (None, b'+') => {
-                out.push(b' ');
-                i += 1;
-            }
-            (None, b) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).unwrap_or_else(|e| panic!("listed key {text:?} is not UTF-8: {e}"))
+    String::from_utf8(super::proxy::unescape(text, true))
+        .unwrap_or_else(|e| panic!("listed key {text:?} is not UTF-8: {e}"))
 }

@@ -118,6 +118,12 @@ impl Recorded {
 /// path `+` is literal. Invalid escapes are kept as they are: this is for reading
 /// recordings, not for validating them.
 fn percent_decode(s: &str) -> String {
+    String::from_utf8_lossy(&unescape(s, false)).into_owned()
+}
+
+/// The bytes `%XX` escapes stand for; with `plus_is_space`, a `+` is a space (what S3
+/// writes in an `encoding-type=url` listing). Invalid escapes are kept as they are.
+pub fn unescape(s: &str, plus_is_space: bool) -> Vec<u8> {
     fn hex(b: u8) -> Option<u8> {
         char::from(b)
             .to_digit(16)
@@ -131,18 +137,22 @@ fn percent_decode(s: &str) -> String {
             Some([b'%', hi, lo]) => hex(*hi).zip(hex(*lo)).map(|(hi, lo)| hi << 4 | lo),
             _ => None,
         };
-        match escaped {
-            Some(b) => {
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
                 out.push(b);
                 i += 3;
             }
-            None => {
-                out.push(bytes[i]);
+            (None, b'+') if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            (None, b) => {
+                out.push(b);
                 i += 1;
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// The error type of the bodies the proxy relays: the upstream's, or the cut it injects.
