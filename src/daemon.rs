@@ -36,10 +36,12 @@ use crate::sdnotify::{self, Notifier};
 use crate::status::{self, Phase, STATS, Snapshot};
 use crate::store::{self, Store};
 
-/// How often the status snapshot is rewritten when something changed, and at the
-/// latest (so that `status` can tell a live daemon from a stale file).
-const PUBLISH_CHECK: Duration = Duration::from_millis(500);
-const PUBLISH_EVERY: Duration = Duration::from_secs(5);
+/// The status snapshot is rewritten on a change, at most every `PUBLISH_DELAY` (changes
+/// in between are gathered into one write), and at the latest every `PUBLISH_EVERY`, so that
+/// `status` can tell a live daemon from a stuck one. Between changes the publisher
+/// sleeps: an idle daemon wakes twice a minute, not twice a second.
+const PUBLISH_DELAY: Duration = Duration::from_millis(500);
+const PUBLISH_EVERY: Duration = Duration::from_secs(30);
 /// READY=1 waits at most this long for the outbox's first scan.
 const READY_WAIT: Duration = Duration::from_secs(60);
 
@@ -164,8 +166,8 @@ impl Daemon {
             bucket: config.s3.bucket.clone(),
             outbox: config.outbox.dir.display().to_string(),
             inbox: config.inbox.dir.display().to_string(),
-            ledger_sent_at_start: sent as u64,
-            ledger_received_at_start: received as u64,
+            ledger_sent_at_start: sent,
+            ledger_received_at_start: received,
         };
         Ok(Self {
             config: config.clone(),
@@ -458,7 +460,7 @@ struct Published {
     identity: status::Identity,
 }
 
-/// Rewrites `status.json` soon after every change and every few seconds regardless,
+/// Rewrites `status.json` soon after every change and every `PUBLISH_EVERY` regardless,
 /// and keeps systemd's STATUS= line current.
 async fn publish(
     dir: PathBuf,
@@ -466,29 +468,33 @@ async fn publish(
     mut phase: watch::Receiver<Published>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(PUBLISH_CHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seen = None;
-    let mut written = tokio::time::Instant::now();
     let mut last_line = String::new();
     let mut failing = false;
+    let mut written = None;
     loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-            changed = phase.changed() => if changed.is_err() { return },
+        if let Some(written) = written {
+            let counters_changed = tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(PUBLISH_EVERY) => false,
+                () = STATS.next_change() => true,
+                // A new phase (reloading, stopping) is shown at once.
+                changed = phase.changed() => if changed.is_err() { return } else { false },
+            };
+            if counters_changed {
+                // A change after a quiet spell is written at once; a burst of them at
+                // most every PUBLISH_DELAY.
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep_until(written + PUBLISH_DELAY) => {}
+                }
+            }
         }
+        written = Some(tokio::time::Instant::now());
         let Published {
             phase: current,
             reloads,
             identity,
         } = phase.borrow_and_update().clone();
-        let generation = (STATS.generation(), current, reloads);
-        if seen == Some(generation) && written.elapsed() < PUBLISH_EVERY {
-            continue;
-        }
-        seen = Some(generation);
-        written = tokio::time::Instant::now();
         let snapshot = Snapshot::now(&identity, current, reloads);
         match snapshot.write(&dir) {
             Ok(()) => failing = false,

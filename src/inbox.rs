@@ -71,6 +71,7 @@ impl Inbox {
         loop {
             let (poll, again) = Arc::clone(&self).poll(&shutdown).await;
             totals += poll;
+            crate::memory::release_free();
             // An object that changed under a GET is listed again at once, but only a few
             // times in a row: a server whose listing and GET ETags disagree must not
             // make the daemon spin.
@@ -181,17 +182,27 @@ impl Inbox {
             return None;
         }
         let token = object.token();
+        // Every poll asks this of every listed key: only the token is decoded, the whole
+        // record only for the few keys that are fetched.
+        let unread = |err: ledger::Error, totals: &mut Totals| {
+            tracing::error!(key = %object.key, error = %err, "cannot read the ledger; skipping the key");
+            totals.failed += 1;
+        };
+        match self.ledger.received_token(&object.key) {
+            Ok(recorded) if !plan::needs_fetch(&token, recorded.as_ref()) => return None,
+            Ok(_) => {}
+            Err(err) => {
+                unread(err, totals);
+                return None;
+            }
+        }
         let record = match self.ledger.received(&object.key) {
             Ok(r) => r,
             Err(err) => {
-                tracing::error!(key = %object.key, error = %err, "cannot read the ledger; skipping the key");
-                totals.failed += 1;
+                unread(err, totals);
                 return None;
             }
         };
-        if !plan::needs_fetch(&token, record.as_ref().map(|r| &r.delivered)) {
-            return None;
-        }
         // A version already found unable to land (a file or link in its way) is not
         // downloaded again; a new version is tried.
         if matches!(self.ledger.rejected(&object.key), Ok(Some(r)) if r.token == token) {

@@ -19,6 +19,7 @@ pub mod keys;
 pub mod ledger;
 pub mod localfs;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod outbox;
 pub mod plan;

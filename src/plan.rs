@@ -130,8 +130,8 @@ pub struct Delivered {
 /// Whether a listed object must be fetched: only when the ledger has no record of the
 /// key or a different change token. The inbox's content never matters here, so files
 /// the user moved or deleted are not fetched again.
-pub fn needs_fetch(listed: &ChangeToken, record: Option<&Delivered>) -> bool {
-    record.is_none_or(|r| &r.token != listed)
+pub fn needs_fetch(listed: &ChangeToken, recorded: Option<&ChangeToken>) -> bool {
+    recorded.is_none_or(|r| r != listed)
 }
 
 /// Where a downloaded version goes, given what is at its path now.
@@ -402,8 +402,8 @@ mod tests {
         let same = ChangeToken::from_etag(&crate::keys::ETag::new("\"a\""));
         let changed = ChangeToken::from_etag(&crate::keys::ETag::new("\"b\""));
         assert!(needs_fetch(&same, None));
-        assert!(!needs_fetch(&same, Some(&record)));
-        assert!(needs_fetch(&changed, Some(&record)));
+        assert!(!needs_fetch(&same, Some(&record.token)));
+        assert!(needs_fetch(&changed, Some(&record.token)));
     }
 
     #[test]

@@ -31,7 +31,7 @@ const LISTED: usize = 100;
 /// Bumped when the snapshot's shape changes incompatibly.
 const FORMAT: u32 = 1;
 /// A live daemon's snapshot older than this means it stopped publishing.
-const STALE_MS: i64 = 30_000;
+const STALE_MS: i64 = 120_000;
 
 /// Why the snapshot cannot be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +74,8 @@ pub struct Stats {
     watcher_overflows: AtomicU64,
     /// Bumped on every change worth publishing soon.
     changes: AtomicU64,
+    /// Woken on every change, so the publisher sleeps while nothing happens.
+    changed_signal: tokio::sync::Notify,
     /// Woken after every full walk of the outbox (readiness waits for the first).
     scanned: tokio::sync::Notify,
     detail: Mutex<Detail>,
@@ -134,6 +136,7 @@ impl Stats {
             rescans: AtomicU64::new(0),
             watcher_overflows: AtomicU64::new(0),
             changes: AtomicU64::new(0),
+            changed_signal: tokio::sync::Notify::const_new(),
             scanned: tokio::sync::Notify::const_new(),
             detail: Mutex::new(Detail {
                 failures: BTreeMap::new(),
@@ -151,6 +154,12 @@ impl Stats {
 
     fn changed(&self) {
         self.changes.fetch_add(1, Ordering::Relaxed);
+        self.changed_signal.notify_one();
+    }
+
+    /// Resolves after the next change (at once if one happened since the last call).
+    pub async fn next_change(&self) {
+        self.changed_signal.notified().await;
     }
 
     /// A change counter: the publisher writes a new snapshot when it moved.
@@ -535,7 +544,7 @@ impl Snapshot {
             ));
             if self.age_ms() > STALE_MS {
                 line(format!(
-                    "  WARNING: the snapshot is {} s old (it is rewritten every 5 s): the daemon may be stuck",
+                    "  WARNING: the snapshot is {} s old (it is rewritten every 30 s): the daemon may be stuck",
                     self.age_ms() / 1000
                 ));
             }

@@ -1710,12 +1710,10 @@ fn one_bad_file_never_stalls_the_others() {
     );
     let growing = ex.outbox.join("growing.log");
     write_file(&growing, b"");
-    ex.start();
-    wait_until_watching(&ex);
 
-    // Appends a line every 50 ms (settle is 300 ms) through one open handle, and records
-    // the longest gap it actually managed: a machine that stalled it for the settle time
-    // entitled the daemon to take the file for complete.
+    // Appends a line every 50 ms (settle is 300 ms) through one open handle, from before
+    // the daemon starts, and records the longest gap it actually managed: a machine that
+    // stalled it for the settle time entitled the daemon to take the file for complete.
     let stop = Arc::new(AtomicBool::new(false));
     let max_gap_ms = Arc::new(AtomicU64::new(0));
     let writer = {
@@ -1744,6 +1742,8 @@ fn one_bad_file_never_stalls_the_others() {
         })
     };
     let stalled = || Duration::from_millis(max_gap_ms.load(Ordering::SeqCst)) >= SETTLE;
+    ex.start();
+    wait_until_watching(&ex);
 
     let good: Vec<(String, Vec<u8>)> = (0..30)
         .map(|i| {
