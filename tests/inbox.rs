@@ -1781,3 +1781,89 @@ fn only_large_multipart_objects_go_by_ranges_plain_md5_and_small_ones_by_one_get
         "small-multipart.bin",
     ]);
 }
+
+#[test]
+fn sigterm_during_a_ranged_download_leaves_no_temp_file_and_the_next_start_fetches_it_whole() {
+    let test =
+        "sigterm_during_a_ranged_download_leaves_no_temp_file_and_the_next_start_fetches_it_whole";
+    let Some(backend) = Backend::moto(test) else {
+        return;
+    };
+    let mut bed = Bed::new(backend, Settings::default());
+    fs::write(
+        &bed.config_path,
+        common::outbox::with_table_lines(&bed.config_text(), "transfer", "shutdown_grace = \"1s\""),
+    )
+    .expect("write the config");
+    let key = bed.key("held.bin");
+    let bytes = random_bytes(12 * MIB + 9, 131);
+    put_multipart_5mib(&bed.owner, &key, &bytes);
+    let ranges = ranges_of(bytes.len(), 5 * MIB);
+    // The last range is never answered: only the abort at the end of the grace can end
+    // the download, and the stop must still come within the harness's deadline.
+    let held = bed
+        .proxy
+        .inject(range_get(&bed, &key, &ranges[2]), common::Fault::Hang, 1);
+
+    bed.start();
+    let temp = bed.inbox.join(".s3-exchange.tmp");
+    bed.wait_for(
+        "the first two ranges answered, the last held, bytes in the temp file",
+        || {
+            let answered = bed
+                .gets_of(&key)
+                .iter()
+                .filter(|r| r.status == Some(206))
+                .count();
+            let written = fs::read_dir(&temp)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.metadata().is_ok_and(|m| m.len() > 0));
+            answered >= 2 && held.count() == 1 && written
+        },
+    );
+    bed.stop();
+    bed.assert_inbox_holds(&[]);
+    assert!(
+        done_transfers_of(&bed, &key).is_empty(),
+        "held.bin was recorded as delivered"
+    );
+
+    bed.proxy.clear_faults();
+    let before = bed.proxy.requests().len();
+    bed.start();
+    let path = bed.inbox.join("held.bin");
+    let mut partial = Vec::new();
+    bed.wait_for("held.bin in the inbox after the restart", || {
+        partial_files(&bed, &[("held.bin", &bytes)], &mut partial);
+        path.exists()
+    });
+    bed.stop();
+    let context = bed.diagnostics();
+    assert!(
+        partial.is_empty(),
+        "partial files seen: {partial:?}\n{context}"
+    );
+    assert_same_bytes(
+        "inbox/held.bin",
+        read_file(&path).as_deref(),
+        &bytes,
+        &context,
+    );
+    let mut again: Vec<String> = bed.proxy.requests()[before..]
+        .iter()
+        .filter(|r| bed.is_get_of(r, &key) && r.status == Some(206))
+        .map(range_header)
+        .collect();
+    again.sort_by_key(|r| first_byte(r));
+    assert_eq!(
+        again,
+        ranges,
+        "the restart fetched it whole, once\n{}",
+        bed.proxy.summary()
+    );
+    assert_eq!(done_transfers_of(&bed, &key).len(), 1);
+    bed.assert_inbox_holds(&["held.bin"]);
+    bed.assert_nothing_outside();
+}
