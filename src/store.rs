@@ -500,10 +500,10 @@ impl Store {
             .send()
             .await;
         let out = self.observe(out, "GetObject", key)?;
-        let refuse = |message: String| Error {
+        let refuse = |class: Class, message: String| Error {
             op: "GetObject",
             key: key.to_string(),
-            class: Class::Transient,
+            class,
             code: None,
             status: Some(status.get()),
             message,
@@ -512,9 +512,12 @@ impl Store {
         };
         let status_code = status.get();
         if status_code != 206 {
-            return Err(refuse(format!(
-                "asked for bytes {offset}-{last}, got HTTP {status_code} without a range (the server ignored the Range header?)"
-            )));
+            return Err(refuse(
+                Class::Transient,
+                format!(
+                    "asked for bytes {offset}-{last}, got HTTP {status_code} without a range (the server ignored the Range header?)"
+                ),
+            ));
         }
         let range_ok = out
             .content_range
@@ -524,23 +527,32 @@ impl Store {
                 first == offset && end == last && total.is_none_or(|t| t == size)
             });
         if !range_ok {
-            return Err(refuse(format!(
-                "asked for bytes {offset}-{last}/{size}, got Content-Range {:?}",
-                out.content_range.as_deref().unwrap_or("(none)")
-            )));
+            return Err(refuse(
+                Class::Transient,
+                format!(
+                    "asked for bytes {offset}-{last}/{size}, got Content-Range {:?}",
+                    out.content_range.as_deref().unwrap_or("(none)")
+                ),
+            ));
         }
         if out.content_length.and_then(|l| u64::try_from(l).ok()) != Some(len) {
-            return Err(refuse(format!(
-                "asked for {len} bytes, got Content-Length {:?}",
-                out.content_length
-            )));
+            return Err(refuse(
+                Class::Transient,
+                format!(
+                    "asked for {len} bytes, got Content-Length {:?}",
+                    out.content_length
+                ),
+            ));
         }
+        // Another ETag despite If-Match (a server that ignores it): another version, so
+        // the whole download is dropped and the key listed again, as after a 412.
         if let Some(got) = out.e_tag.as_deref().filter(|e| !e.is_empty())
             && got != etag.as_str()
         {
-            return Err(refuse(format!(
-                "the range came with ETag {got}, not the listed {etag}"
-            )));
+            return Err(refuse(
+                Class::Changed,
+                format!("the range came with ETag {got}, not the listed {etag}"),
+            ));
         }
         Ok(out.body)
     }
