@@ -152,6 +152,18 @@ impl ETag {
         let inner = self.0.trim_matches('"');
         (inner.len() == 32 && inner.bytes().all(|b| b.is_ascii_hexdigit())).then_some(inner)
     }
+
+    /// Whether this ETag has the multipart shape, `"<32 hex digits>-<parts>"`: an MD5 of
+    /// the parts' MD5s, which says nothing a download could check its body against.
+    pub fn is_multipart(&self) -> bool {
+        let inner = self.0.trim_matches('"');
+        inner.split_once('-').is_some_and(|(md5, parts)| {
+            md5.len() == 32
+                && md5.bytes().all(|b| b.is_ascii_hexdigit())
+                && !parts.is_empty()
+                && parts.bytes().all(|b| b.is_ascii_digit())
+        })
+    }
 }
 
 impl fmt::Display for ETag {
@@ -380,5 +392,22 @@ mod tests {
             ETag::new("\"9e107d9d372bb6826bd81d3542a419d6-3\"").plain_md5(),
             None
         );
+    }
+
+    #[test]
+    fn only_md5_dash_parts_is_a_multipart_etag() {
+        assert!(ETag::new("\"9e107d9d372bb6826bd81d3542a419d6-3\"").is_multipart());
+        assert!(ETag::new("9e107d9d372bb6826bd81d3542a419d6-10000").is_multipart());
+        for not in [
+            "\"9e107d9d372bb6826bd81d3542a419d6\"",
+            "\"9e107d9d372bb6826bd81d3542a419d6-\"",
+            "\"9e107d9d372bb6826bd81d3542a419d6-x\"",
+            "\"9e107d9d372bb6826bd81d3542a41-3\"",
+            "\"zz107d9d372bb6826bd81d3542a419d6-3\"",
+            "\"\"",
+            "opaque-token",
+        ] {
+            assert!(!ETag::new(not).is_multipart(), "{not}");
+        }
     }
 }

@@ -6,7 +6,7 @@
 //! with `O_NOFOLLOW`), so a symlink inside the inbox can never redirect a write.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -128,6 +128,17 @@ impl InboxRoot {
         Ok((name, File::from(fd)))
     }
 
+    /// Opens a temp file for reading (links not followed).
+    pub fn open_temp(&self, name: &str) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.temp,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
+
     pub fn remove_temp(&self, name: &str) {
         let _ = rustix::fs::unlinkat(&self.temp, name, AtFlags::empty());
     }
@@ -219,6 +230,25 @@ pub fn md5_file(mut file: File) -> io::Result<[u8; 16]> {
     let mut hasher = Md5::new();
     io::copy(&mut file, &mut HashWriter(&mut hasher))?;
     Ok(hasher.finalize().into())
+}
+
+/// Whether two open files hold the same bytes (read from where each stands); stops at
+/// the first difference.
+pub fn same_bytes(a: File, b: File) -> io::Result<bool> {
+    let mut a = io::BufReader::with_capacity(256 << 10, a);
+    let mut b = io::BufReader::with_capacity(256 << 10, b);
+    loop {
+        let (x, y) = (a.fill_buf()?, b.fill_buf()?);
+        if x.is_empty() || y.is_empty() {
+            return Ok(x.is_empty() && y.is_empty());
+        }
+        let n = x.len().min(y.len());
+        if x[..n] != y[..n] {
+            return Ok(false);
+        }
+        a.consume(n);
+        b.consume(n);
+    }
 }
 
 fn dir_flags() -> OFlags {
@@ -389,6 +419,28 @@ mod tests {
         assert_eq!(std::fs::read(&sent).expect("read"), b"old");
         assert_eq!(std::fs::read(&went).expect("read"), b"new");
         assert!(!src.exists());
+    }
+
+    #[test]
+    fn same_bytes_compares_whole_files() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, bytes: &[u8]| {
+            let p = tmp.path().join(name);
+            std::fs::write(&p, bytes).expect("write");
+            p
+        };
+        let big: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        let mut other = big.clone();
+        other[600_000] ^= 1;
+        let (a, b, c) = (write("a", &big), write("b", &big), write("c", &other));
+        let d = write("d", &big[..699_999]);
+        let same = |x: &Path, y: &Path| {
+            same_bytes(File::open(x).expect("open"), File::open(y).expect("open")).expect("read")
+        };
+        assert!(same(&a, &b));
+        assert!(!same(&a, &c), "one byte differs, late");
+        assert!(!same(&a, &d), "one is a prefix of the other");
+        assert!(!same(&d, &a));
     }
 
     #[test]

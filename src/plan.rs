@@ -117,6 +117,45 @@ pub fn upload_shape(size: u64, threshold: u64, part_size: u64) -> UploadShape {
     }
 }
 
+/// How a listed object is downloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownloadShape {
+    /// One GET: checked against the MD5 where the ETag is one, and by the SDK against a
+    /// checksum the object carries.
+    Single,
+    /// Ranged GETs of `range` bytes (the last one shorter), several at once.
+    Ranged { range: u64 },
+}
+
+/// Ranged GETs only where they lose nothing: a large object (at least `threshold` bytes)
+/// whose whole body nothing could check anyway, because its ETag has the multipart shape
+/// (not an MD5 of the content) and the listing marks no full-object checksum (which the
+/// SDK would verify on a single GET). Everything else goes by one GET.
+pub fn download_shape(
+    size: u64,
+    etag: Option<&ETag>,
+    full_object_checksum: bool,
+    threshold: u64,
+    range: u64,
+) -> DownloadShape {
+    let uncheckable = etag.is_some_and(ETag::is_multipart) && !full_object_checksum;
+    if size > 0 && size >= threshold && range > 0 && uncheckable {
+        DownloadShape::Ranged { range }
+    } else {
+        DownloadShape::Single
+    }
+}
+
+/// The byte ranges `(offset, len)` of an object of `size` bytes in ranges of `range`
+/// bytes, in order: they cover it exactly, without overlap.
+pub fn byte_ranges(size: u64, range: u64) -> impl Iterator<Item = (u64, u64)> {
+    let range = range.max(1);
+    (0..size.div_ceil(range)).map(move |i| {
+        let offset = i * range;
+        (offset, range.min(size - offset))
+    })
+}
+
 /// What the ledger remembers of a key it delivered.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Delivered {
@@ -224,6 +263,61 @@ mod tests {
         assert_eq!(md5_mismatch(Some(&wrong), true, &md5), None);
         assert_eq!(md5_mismatch(Some(&multipart), false, &md5), None);
         assert_eq!(md5_mismatch(None, false, &md5), None);
+    }
+
+    #[test]
+    fn only_large_uncheckable_objects_go_by_ranges() {
+        const MIB: u64 = 1 << 20;
+        let multipart = ETag::new("\"9e107d9d372bb6826bd81d3542a419d6-3\"");
+        let plain = ETag::new("\"9e107d9d372bb6826bd81d3542a419d6\"");
+        let ranged = DownloadShape::Ranged { range: 16 * MIB };
+        let shape = |size, etag, full| download_shape(size, etag, full, 16 * MIB, 16 * MIB);
+        assert_eq!(shape(100 * MIB, Some(&multipart), false), ranged);
+        assert_eq!(
+            shape(16 * MIB, Some(&multipart), false),
+            ranged,
+            "at the threshold"
+        );
+        assert_eq!(
+            shape(16 * MIB - 1, Some(&multipart), false),
+            DownloadShape::Single,
+            "below the threshold"
+        );
+        assert_eq!(
+            shape(100 * MIB, Some(&plain), false),
+            DownloadShape::Single,
+            "an MD5 ETag checks the whole body"
+        );
+        assert_eq!(
+            shape(100 * MIB, Some(&multipart), true),
+            DownloadShape::Single,
+            "the SDK checks a full-object checksum"
+        );
+        assert_eq!(
+            shape(100 * MIB, None, false),
+            DownloadShape::Single,
+            "no ETag: nothing to pin the ranges to"
+        );
+        assert_eq!(
+            shape(100 * MIB, Some(&ETag::new("\"opaque\"")), false),
+            DownloadShape::Single
+        );
+        assert_eq!(
+            download_shape(0, Some(&multipart), false, 0, MIB),
+            DownloadShape::Single
+        );
+    }
+
+    #[test]
+    fn byte_ranges_cover_the_object_exactly() {
+        let ranges: Vec<_> = byte_ranges(12, 5).collect();
+        assert_eq!(ranges, [(0, 5), (5, 5), (10, 2)]);
+        assert_eq!(byte_ranges(10, 5).collect::<Vec<_>>(), [(0, 5), (5, 5)]);
+        assert_eq!(byte_ranges(3, 5).collect::<Vec<_>>(), [(0, 3)]);
+        assert_eq!(byte_ranges(0, 5).count(), 0);
+        let big = 5u64 << 40;
+        let (n, total) = byte_ranges(big, 16 << 20).fold((0, 0), |(n, t), (_, l)| (n + 1, t + l));
+        assert_eq!((n, total), (big / (16 << 20), big));
     }
 
     fn stamp(size: u64, mtime_ns: i64) -> FileStamp {

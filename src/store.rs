@@ -9,21 +9,24 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
-    Region, RequestChecksumCalculation, ResponseChecksumValidation, SharedCredentialsProvider,
+    ConfigBag, Intercept, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    RuntimeComponents, SharedCredentialsProvider,
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{
-    ChecksumMode, CompletedMultipartUpload, CompletedPart, EncodingType, ObjectCannedAcl,
+    ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart, EncodingType,
+    ObjectCannedAcl,
 };
 
 use crate::config::{self, Acl, Checksums};
@@ -85,6 +88,9 @@ pub struct Listed {
     pub etag: Option<ETag>,
     pub size: u64,
     pub last_modified_ms: i64,
+    /// The listing marks a full-object checksum (`ChecksumType: FULL_OBJECT`), which the
+    /// SDK verifies on a whole-object GET.
+    pub full_object_checksum: bool,
 }
 
 impl Listed {
@@ -426,6 +432,7 @@ impl Store {
                         .last_modified
                         .and_then(|t| t.to_millis().ok())
                         .unwrap_or(0),
+                    full_object_checksum: o.checksum_type == Some(ChecksumType::FullObject),
                 })
             })
             .collect();
@@ -465,6 +472,129 @@ impl Store {
             body: out.body,
         })
     }
+
+    /// GET of the `len` bytes from `offset` of an object of `size` bytes, pinned with
+    /// `If-Match` to `etag`. The answer must be a 206 whose Content-Range and length name
+    /// exactly those bytes, and its ETag, if it sends one, must be `etag`: a server that
+    /// ignores `Range` and sends the whole object with a 200 is refused here, before a
+    /// byte is read. The caller checks that the body holds `len` bytes.
+    pub async fn get_range(
+        &self,
+        key: &ObjectKey,
+        etag: &ETag,
+        (offset, len): (u64, u64),
+        size: u64,
+    ) -> Result<ByteStream, Error> {
+        let last = offset + len.saturating_sub(1);
+        let status = StatusProbe::default();
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key.as_str())
+            .if_match(etag.as_str())
+            .range(format!("bytes={offset}-{last}"))
+            .set_expected_bucket_owner(self.expected_owner.clone())
+            .customize()
+            .interceptor(status.clone())
+            .send()
+            .await;
+        let out = self.observe(out, "GetObject", key)?;
+        let refuse = |class: Class, message: String| Error {
+            op: "GetObject",
+            key: key.to_string(),
+            class,
+            code: None,
+            status: Some(status.get()),
+            message,
+            hint: None,
+            unreachable: false,
+        };
+        let status_code = status.get();
+        if status_code != 206 {
+            return Err(refuse(
+                Class::Transient,
+                format!(
+                    "asked for bytes {offset}-{last}, got HTTP {status_code} without a range (the server ignored the Range header?)"
+                ),
+            ));
+        }
+        let range_ok = out
+            .content_range
+            .as_deref()
+            .and_then(parse_content_range)
+            .is_some_and(|(first, end, total)| {
+                first == offset && end == last && total.is_none_or(|t| t == size)
+            });
+        if !range_ok {
+            return Err(refuse(
+                Class::Transient,
+                format!(
+                    "asked for bytes {offset}-{last}/{size}, got Content-Range {:?}",
+                    out.content_range.as_deref().unwrap_or("(none)")
+                ),
+            ));
+        }
+        if out.content_length.and_then(|l| u64::try_from(l).ok()) != Some(len) {
+            return Err(refuse(
+                Class::Transient,
+                format!(
+                    "asked for {len} bytes, got Content-Length {:?}",
+                    out.content_length
+                ),
+            ));
+        }
+        // Another ETag despite If-Match (a server that ignores it): another version, so
+        // the whole download is dropped and the key listed again, as after a 412.
+        if let Some(got) = out.e_tag.as_deref().filter(|e| !e.is_empty())
+            && got != etag.as_str()
+        {
+            return Err(refuse(
+                Class::Changed,
+                format!("the range came with ETag {got}, not the listed {etag}"),
+            ));
+        }
+        Ok(out.body)
+    }
+}
+
+/// Records the HTTP status of a call's (last) response, which the SDK's outputs do not
+/// carry: a 200 and a 206 parse into the same GetObject output.
+#[derive(Debug, Clone, Default)]
+struct StatusProbe(Arc<AtomicU16>);
+
+impl StatusProbe {
+    fn get(&self) -> u16 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Intercept for StatusProbe {
+    fn name(&self) -> &'static str {
+        "StatusProbe"
+    }
+
+    fn read_before_deserialization(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        _: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.0
+            .store(context.response().status().as_u16(), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// `bytes <first>-<last>/<total>` (total `*` when unknown) -> `(first, last, total)`.
+fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+    let (range, total) = value.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let total = match total {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((first.parse().ok()?, last.parse().ok()?, total))
 }
 
 async fn file_body(
@@ -708,6 +838,22 @@ mod tests {
             classify(Failure::Response, Some(404), Some("NoSuchKey")),
             Class::Gone
         );
+    }
+
+    #[test]
+    fn content_ranges_are_read_exactly() {
+        assert_eq!(parse_content_range("bytes 0-4/12"), Some((0, 4, Some(12))));
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
+        for bad in [
+            "",
+            "bytes",
+            "bytes 0-4",
+            "items 0-4/12",
+            "bytes a-4/12",
+            "bytes */12",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
     }
 
     #[test]

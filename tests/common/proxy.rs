@@ -3,8 +3,8 @@
 //! which it never makes) and injects the faults a test asks for: an action at a precise
 //! moment (overwrite an object just before its GET), delays, S3 error replies (503
 //! SlowDown, AccessDenied, ...), connections reset mid-request or cut mid-response-body,
-//! damaged bodies, requests that are never answered, and an endpoint that refuses
-//! connections altogether.
+//! damaged bodies, requests that are never answered, a header withheld from the server,
+//! and an endpoint that refuses connections altogether.
 //!
 //! Requests are forwarded unchanged, Host header included: SigV4 signs the Host, so the
 //! upstream must see exactly what the client signed. Bodies are streamed, not buffered
@@ -185,6 +185,11 @@ pub enum Fault {
     Corrupt,
     /// Accepts the request and never answers.
     Hang,
+    /// Forwards the request without this header (lower-case name): what a server that
+    /// ignores it would answer, such as a whole object with a 200 for a GET whose `range`
+    /// was dropped. Only for servers that do not check signatures (moto): the header may
+    /// be signed.
+    DropHeader(&'static str),
 }
 
 impl Fault {
@@ -216,6 +221,7 @@ impl Fault {
             Self::CutResponse { .. } => "cut mid-body",
             Self::Corrupt => "corrupted body",
             Self::Hang => "never answered",
+            Self::DropHeader(_) => "header dropped",
         }
     }
 
@@ -302,6 +308,7 @@ impl Shared {
             Fault::CutResponse { after } => Fault::CutResponse { after: *after },
             Fault::Corrupt => Fault::Corrupt,
             Fault::Hang => Fault::Hang,
+            Fault::DropHeader(name) => Fault::DropHeader(name),
         };
         Some(Planned {
             fault,
@@ -589,6 +596,10 @@ async fn forward(
             Fault::Hang => {
                 applied.0.fetch_add(1, Ordering::SeqCst);
                 std::future::pending::<()>().await;
+            }
+            Fault::DropHeader(name) => {
+                applied.0.fetch_add(1, Ordering::SeqCst);
+                req.headers_mut().remove(name);
             }
             // Planned only for responses (`Fault::on_response`): never here.
             Fault::CutResponse { .. } | Fault::Corrupt => {}
