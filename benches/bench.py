@@ -43,6 +43,8 @@ LATENCY_FILES = int(os.environ.get("BENCH_LATENCY_FILES", "200"))
 # A fresh bucket per run: objects of an earlier run must not be mistaken for this one's.
 BUCKET = os.environ.get("BENCH_BUCKET") or f"bench-{int(time.time())}"
 SETTLE_MS = 200
+# The peers to run beside s3-exchange (BENCH_PEERS=s5cmd for a quick comparison).
+PEERS = os.environ.get("BENCH_PEERS", "s5cmd,rclone,aws").split(",")
 
 PEER_ENV = dict(
     os.environ,
@@ -207,8 +209,8 @@ def scenario_big(work, client, summary):
     with open(src, "wb") as f:
         for _ in range(1024):
             f.write(os.urandom(1 << 20))
-    up = {"s3-exchange": [], "s5cmd": [], "rclone": [], "aws": []}
-    down = {"s3-exchange": [], "s5cmd": [], "rclone": [], "aws": []}
+    up = {name: [] for name in ["s3-exchange", *PEERS]}
+    down = {name: [] for name in ["s3-exchange", *PEERS]}
     peak = []
     client.put_object(Bucket=BUCKET, Key="Delivery/big/seed", Body=b"x")
     for r in range(ROUNDS):
@@ -230,15 +232,21 @@ def scenario_big(work, client, summary):
         down["s3-exchange"].append(time.monotonic() - t0)
         peak.append(proc_status(d.pid, "VmHWM"))
         d.stop()
-        up["s5cmd"].append(timed([S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/s5-{r}"]))
-        up["rclone"].append(timed(["rclone", "copyto", src, f"rgw:{BUCKET}/Submissions/rc-{r}"]))
-        up["aws"].append(timed([AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--acl", "bucket-owner-full-control", "--quiet", src, f"s3://{BUCKET}/Submissions/aws-{r}"]))
+        for peer, cmd in (
+            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/s5-{r}"]),
+            ("rclone", ["rclone", "copyto", src, f"rgw:{BUCKET}/Submissions/rc-{r}"]),
+            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--acl", "bucket-owner-full-control", "--quiet", src, f"s3://{BUCKET}/Submissions/aws-{r}"]),
+        ):
+            if peer in PEERS:
+                up[peer].append(timed(cmd))
         out = os.path.join(work, "down.bin")
         for peer, cmd in (
             ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/big-{r}/big.bin", out]),
             ("rclone", ["rclone", "copyto", f"rgw:{BUCKET}/Delivery/big-{r}/big.bin", out]),
             ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--quiet", f"s3://{BUCKET}/Delivery/big-{r}/big.bin", out]),
         ):
+            if peer not in PEERS:
+                continue
             down[peer].append(timed(cmd))
             os.remove(out)
         shutil.rmtree(d.base)
@@ -249,8 +257,8 @@ def scenario_big(work, client, summary):
 
 
 def scenario_small(work, client, summary):
-    up = {"s3-exchange": [], "s5cmd": [], "rclone": [], "aws": []}
-    down = {"s3-exchange": [], "s5cmd": [], "rclone": [], "aws": []}
+    up = {name: [] for name in ["s3-exchange", *PEERS]}
+    down = {name: [] for name in ["s3-exchange", *PEERS]}
     body = os.urandom(4096)
     for r in range(ROUNDS):
         src = os.path.join(work, f"small-{r}")
@@ -272,14 +280,20 @@ def scenario_small(work, client, summary):
         wait_until("1000 deliveries", lambda: count_files(os.path.join(d.base, "inbox")) >= 1000, step=0.02)
         down["s3-exchange"].append(time.monotonic() - t0)
         d.stop()
-        up["s5cmd"].append(timed([S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", f"{src}/*", f"s3://{BUCKET}/Submissions/s5-small-{r}/"]))
-        up["rclone"].append(timed(["rclone", "copy", "--transfers", "16", src, f"rgw:{BUCKET}/Submissions/rc-small-{r}/"]))
-        up["aws"].append(timed([AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/aws-small-{r}/"]))
+        for peer, cmd in (
+            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", f"{src}/*", f"s3://{BUCKET}/Submissions/s5-small-{r}/"]),
+            ("rclone", ["rclone", "copy", "--transfers", "16", src, f"rgw:{BUCKET}/Submissions/rc-small-{r}/"]),
+            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/aws-small-{r}/"]),
+        ):
+            if peer in PEERS:
+                up[peer].append(timed(cmd))
         for peer, cmd in (
             ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/small-{r}/*", os.path.join(work, "dl") + "/"]),
             ("rclone", ["rclone", "copy", "--transfers", "16", f"rgw:{BUCKET}/Delivery/small-{r}/", os.path.join(work, "dl")]),
             ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", f"s3://{BUCKET}/Delivery/small-{r}/", os.path.join(work, "dl")]),
         ):
+            if peer not in PEERS:
+                continue
             down[peer].append(timed(cmd))
             shutil.rmtree(os.path.join(work, "dl"))
         shutil.rmtree(d.base)
@@ -314,19 +328,23 @@ def scenario_poll_and_idle(work, client, summary):
     summary["poll_gets"] = max(gets)
     summary["poll_rss_mib"] = max(rss)
     d.stop()
-    # Idle: the same ledger, default intervals, nothing to do.
-    d = Daemon(os.path.join(work, "poll"), "Delivery/many/", poll_interval="30s", level="debug")
-    wait_until("start-up poll", lambda: polls_done(d) >= 1, timeout=600, step=0.5)
-    c0 = cpu_seconds(d.pid)
-    time.sleep(IDLE_SECONDS)  # measuring an idle period is the point here, not a synchronisation
-    idle_cpu = cpu_seconds(d.pid) - c0
-    idle_rss = proc_status(d.pid, "VmRSS")
-    share = idle_cpu / IDLE_SECONDS * 100
-    print(f"\n## idle for {IDLE_SECONDS} s with {POLL_OBJECTS} ledger entries")
-    print(f"  CPU {idle_cpu:.3f} s = {share:.3f}% of a core (target < 0.1%, includes its polls); RSS {idle_rss:.1f} MiB (target < 32 MiB)")
-    summary["idle_cpu_percent"] = share
-    summary["idle_rss_mib"] = idle_rss
-    d.stop()
+    # Idle: the same ledger of 100,000 records and the default poll interval, nothing to
+    # do. Twice: once with the owner's Delivery/ emptied (nothing listed: the daemon's own
+    # cost), once with all 100,000 objects still listed (each 30 s poll lists them again).
+    for label, prefix in (("nothing listed", "Delivery/idle-empty/"), (f"{POLL_OBJECTS} objects listed at each poll", "Delivery/many/")):
+        d = Daemon(os.path.join(work, "poll"), prefix, poll_interval="30s", level="debug")
+        wait_until("start-up poll", lambda: polls_done(d) >= 1, timeout=600, step=0.5)
+        c0 = cpu_seconds(d.pid)
+        time.sleep(IDLE_SECONDS)  # measuring an idle period is the point here, not a synchronisation
+        idle_cpu = cpu_seconds(d.pid) - c0
+        idle_rss = proc_status(d.pid, "VmRSS")
+        share = idle_cpu / IDLE_SECONDS * 100
+        print(f"\n## idle for {IDLE_SECONDS} s with {POLL_OBJECTS} ledger entries, {label}")
+        print(f"  CPU {idle_cpu:.3f} s = {share:.3f}% of a core (target < 0.1%, includes its polls); RSS {idle_rss:.1f} MiB (target < 32 MiB)")
+        tag = "idle" if prefix != "Delivery/many/" else "idle_listed"
+        summary[f"{tag}_cpu_percent"] = share
+        summary[f"{tag}_rss_mib"] = idle_rss
+        d.stop()
 
 
 def scenario_latency(work, client, summary):

@@ -21,8 +21,10 @@ use crate::outbox::Outbox;
 use crate::plan::{self, FileStamp, UploadShape};
 use crate::store::{self, Class};
 
-/// Parts of one multipart upload in flight at once.
-const PARTS_IN_FLIGHT: usize = 4;
+/// Parts of one multipart upload in flight at once: each part is hashed (Content-MD5)
+/// and then sent, so several at once keep both the disk and the network busy. 1 GiB to
+/// the local Ceph RGW (benches/run.sh big): 4 parts 6.31 s, 8 parts 6.12 s (s5cmd 5.7 s).
+const PARTS_IN_FLIGHT: usize = 8;
 
 /// How one file's attempt ended.
 pub(crate) enum Outcome {
