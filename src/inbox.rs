@@ -86,7 +86,8 @@ impl Inbox {
         loop {
             let (poll, again) = Arc::clone(&self).poll(&shutdown).await;
             totals += poll;
-            crate::memory::release_free();
+            // On a blocking thread: it walks the allocator's arenas under their locks.
+            let _ = tokio::task::spawn_blocking(crate::memory::release_free).await;
             // An object that changed under a GET is listed again at once, but only a few
             // times in a row: a server whose listing and GET ETags disagree must not
             // make the daemon spin.

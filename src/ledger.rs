@@ -178,8 +178,12 @@ impl Ledger {
         for (name, tree) in [(SENT_COUNT, &sent), (RECEIVED_COUNT, &received)] {
             if db.get(name).map_err(io)?.is_none() {
                 let n = tree.len() as u64;
-                db.insert(name, &n.to_be_bytes()).map_err(io)?;
-                db.flush().map_err(io)?;
+                db.insert(name, &n.to_be_bytes())
+                    .and_then(|_| db.flush())
+                    .map_err(|source| Error::Broken {
+                        path: path.clone(),
+                        reason: source.to_string(),
+                    })?;
             }
         }
         Ok(Self {

@@ -130,7 +130,9 @@ pub enum DownloadShape {
 /// Ranged GETs only where they lose nothing: a large object (at least `threshold` bytes)
 /// whose whole body nothing could check anyway, because its ETag has the multipart shape
 /// (not an MD5 of the content) and the listing marks no full-object checksum (which the
-/// SDK would verify on a single GET). Everything else goes by one GET.
+/// SDK would verify on a single GET), and more than one range long: an object of one
+/// range gains nothing from ranges, and some servers answer a range covering the whole
+/// object with a plain 200. Everything else goes by one GET.
 pub fn download_shape(
     size: u64,
     etag: Option<&ETag>,
@@ -139,7 +141,7 @@ pub fn download_shape(
     range: u64,
 ) -> DownloadShape {
     let uncheckable = etag.is_some_and(ETag::is_multipart) && !full_object_checksum;
-    if size > 0 && size >= threshold && range > 0 && uncheckable {
+    if size >= threshold && range > 0 && size > range && uncheckable {
         DownloadShape::Ranged { range }
     } else {
         DownloadShape::Single
@@ -274,9 +276,14 @@ mod tests {
         let shape = |size, etag, full| download_shape(size, etag, full, 16 * MIB, 16 * MIB);
         assert_eq!(shape(100 * MIB, Some(&multipart), false), ranged);
         assert_eq!(
-            shape(16 * MIB, Some(&multipart), false),
+            shape(16 * MIB + 1, Some(&multipart), false),
             ranged,
-            "at the threshold"
+            "just over one range"
+        );
+        assert_eq!(
+            shape(16 * MIB, Some(&multipart), false),
+            DownloadShape::Single,
+            "one range long: nothing to gain, and a whole-object range may come back as a 200"
         );
         assert_eq!(
             shape(16 * MIB - 1, Some(&multipart), false),

@@ -72,8 +72,6 @@ pub struct Stats {
     last_rescan_ms: AtomicI64,
     rescans: AtomicU64,
     watcher_overflows: AtomicU64,
-    /// Bumped on every change worth publishing soon.
-    changes: AtomicU64,
     /// Woken on every change, so the publisher sleeps while nothing happens.
     changed_signal: tokio::sync::Notify,
     /// Woken after every full walk of the outbox (readiness waits for the first).
@@ -135,7 +133,6 @@ impl Stats {
             last_rescan_ms: AtomicI64::new(0),
             rescans: AtomicU64::new(0),
             watcher_overflows: AtomicU64::new(0),
-            changes: AtomicU64::new(0),
             changed_signal: tokio::sync::Notify::const_new(),
             scanned: tokio::sync::Notify::const_new(),
             detail: Mutex::new(Detail {
@@ -153,18 +150,12 @@ impl Stats {
     }
 
     fn changed(&self) {
-        self.changes.fetch_add(1, Ordering::Relaxed);
         self.changed_signal.notify_one();
     }
 
     /// Resolves after the next change (at once if one happened since the last call).
     pub async fn next_change(&self) {
         self.changed_signal.notified().await;
-    }
-
-    /// A change counter: the publisher writes a new snapshot when it moved.
-    pub fn generation(&self) -> u64 {
-        self.changes.load(Ordering::Relaxed)
     }
 
     /// A transfer ended well (called by `logging::Transfer::done`).

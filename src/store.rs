@@ -546,8 +546,9 @@ impl Store {
         }
         // Another ETag despite If-Match (a server that ignores it): another version, so
         // the whole download is dropped and the key listed again, as after a 412.
+        let bare = |e: &str| e.trim_start_matches("W/").trim_matches('"').to_owned();
         if let Some(got) = out.e_tag.as_deref().filter(|e| !e.is_empty())
-            && got != etag.as_str()
+            && bare(got) != bare(etag.as_str())
         {
             return Err(refuse(
                 Class::Changed,
