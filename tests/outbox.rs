@@ -964,21 +964,24 @@ fn large_file_parts_stream_from_disk_with_bounded_memory() {
 /// the same UploadId, sends only what was not recorded, and completes with identical bytes.
 ///
 /// Which parts the daemon had recorded when it died is known from the proxy: it keeps at
-/// most 4 parts in flight and starts part 4+k only after k parts were answered and recorded
-/// (the ledger is flushed per part), so when part 6 has started at least 2 are durable.
+/// most `PARTS_IN_FLIGHT` parts in flight and starts part `PARTS_IN_FLIGHT + k` only after
+/// k parts were answered and recorded (the ledger is flushed per part), so when part
+/// `PARTS_IN_FLIGHT + 2` has started at least 2 are durable.
 #[test]
 fn a_multipart_upload_killed_mid_way_resumes_without_resending_recorded_parts() {
-    const PARTS: u32 = 12;
+    /// `upload::PARTS_IN_FLIGHT`.
+    const PARTS_IN_FLIGHT: u32 = 8;
+    const PARTS: u32 = 20;
     let mut ex = Exchange::new();
     let key = ex.submission_key("resume.bin");
     let bytes = random_bytes(PARTS as usize * 5 * MIB - 1000, 141);
     write_file(&ex.outbox.join("resume.bin"), &bytes);
     ex.start();
 
-    spin_until(&ex, "UploadPart 6 of resume.bin", common::TIMEOUT, || {
-        ex.proxy
-            .count(|r| is_upload_part_of(r, &key) && part_number(r).is_some_and(|n| n >= 6))
-            >= 1
+    spin_until(&ex, "UploadPart 10 of resume.bin", common::TIMEOUT, || {
+        ex.proxy.count(|r| {
+            is_upload_part_of(r, &key) && part_number(r).is_some_and(|n| n >= PARTS_IN_FLIGHT + 2)
+        }) >= 1
     });
     kill_9(ex.daemon());
     ex.daemon().wait_exit(common::TIMEOUT);
@@ -1002,7 +1005,7 @@ fn a_multipart_upload_killed_mid_way_resumes_without_resending_recorded_parts() 
         .filter(|r| r.status == Some(200))
         .filter_map(|r| part_number(r))
         .collect();
-    let recorded_at_least = started_max.saturating_sub(4) as usize;
+    let recorded_at_least = started_max.saturating_sub(PARTS_IN_FLIGHT) as usize;
     assert!(recorded_at_least >= 2, "part {started_max} started");
 
     ex.start();
