@@ -283,10 +283,9 @@ fn hostile_course(
 #[test]
 fn traversal_and_malformed_keys_are_rejected_once_and_never_written() {
     let test = "traversal_and_malformed_keys_are_rejected_once_and_never_written";
-    let Some(backend) = Backend::moto(test) else {
+    let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
         return;
     };
-    let mut bed = Bed::new(backend, Settings::default());
     // Targets a naive `inbox.join(rest)` would write to: beside the inbox, above the
     // test's folder, and at absolute paths.
     let escape = format!("{}-escaped", bed.bucket);
@@ -344,10 +343,9 @@ fn traversal_and_malformed_keys_are_rejected_once_and_never_written() {
 #[test]
 fn control_character_keys_are_rejected_once_and_do_not_stop_the_listing() {
     let test = "control_character_keys_are_rejected_once_and_do_not_stop_the_listing";
-    let Some(backend) = Backend::moto(test) else {
+    let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
         return;
     };
-    let mut bed = Bed::new(backend, Settings::default());
     let hostile: Vec<Hostile> = [
         "nul\0x",
         "soh\u{1}x",
@@ -377,10 +375,9 @@ fn control_character_keys_are_rejected_once_and_do_not_stop_the_listing() {
 #[test]
 fn a_symlink_planted_in_the_inbox_is_never_followed() {
     let test = "a_symlink_planted_in_the_inbox_is_never_followed";
-    let Some(backend) = Backend::moto(test) else {
+    let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
         return;
     };
-    let mut bed = Bed::new(backend, Settings::default());
     // One relative and one absolute link to the canary folder next to the inbox.
     symlink("../canary", bed.inbox.join("link")).expect("plant inbox/link");
     symlink(&bed.canary, bed.inbox.join("abslink")).expect("plant inbox/abslink");
@@ -414,10 +411,9 @@ fn a_symlink_planted_in_the_inbox_is_never_followed() {
 #[test]
 fn a_symlink_at_a_deliverys_own_name_is_kept_and_not_written_through() {
     let test = "a_symlink_at_a_deliverys_own_name_is_kept_and_not_written_through";
-    let Some(backend) = Backend::moto(test) else {
+    let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
         return;
     };
-    let mut bed = Bed::new(backend, Settings::default());
     // Where the delivery report.txt would land stands a link to the canary's file.
     let target = bed.canary.join("secret.txt");
     symlink(&target, bed.inbox.join("report.txt")).expect("plant inbox/report.txt");
@@ -452,10 +448,9 @@ fn a_symlink_at_a_deliverys_own_name_is_kept_and_not_written_through() {
 #[test]
 fn a_symlink_planted_as_the_temp_folder_is_never_followed() {
     let test = "a_symlink_planted_as_the_temp_folder_is_never_followed";
-    let Some(backend) = Backend::moto(test) else {
+    let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
         return;
     };
-    let mut bed = Bed::new(backend, Settings::default());
     // The daemon clears its temp folder at start-up: through this link it would delete the
     // canary, and downloads would be written next to it.
     symlink("../canary", bed.inbox.join(".s3-exchange.tmp")).expect("plant the link");
@@ -496,18 +491,17 @@ fn a_symlink_planted_as_the_temp_folder_is_never_followed() {
 #[test]
 fn a_key_that_is_both_a_file_and_a_prefix_lands_once_and_the_other_is_rejected() {
     let test = "a_key_that_is_both_a_file_and_a_prefix_lands_once_and_the_other_is_rejected";
-    let Some(backend) = Backend::moto(test) else {
-        return;
-    };
     // One download at a time: `x` (listed first) lands before `x/y` is fetched, so the
     // outcome is deterministic: `x` is a file, `x/y` cannot land.
-    let mut bed = Bed::new(
-        backend,
+    let Some(mut bed) = Bed::on_moto(
+        test,
         Settings {
             concurrency: 1,
             ..Settings::default()
         },
-    );
+    ) else {
+        return;
+    };
     let hostile = vec![
         Hostile::blocked(bed.key("x/y")),
         Hostile::blocked(bed.key("d/e/f/g")),
@@ -557,18 +551,17 @@ fn names_with_plus_or_percent_arrive_unchanged_from_a_server_that_does_not_encod
 #[test]
 fn an_object_overwritten_between_listing_and_get_is_listed_again_and_fetched_new() {
     let test = "an_object_overwritten_between_listing_and_get_is_listed_again_and_fetched_new";
-    let Some(backend) = Backend::moto(test) else {
-        return;
-    };
     // An hour between polls: only the daemon's "list again at once after a 412" can fetch
     // the new version within the test's deadline.
-    let mut bed = Bed::new(
-        backend,
+    let Some(mut bed) = Bed::on_moto(
+        test,
         Settings {
             poll_interval: "1h".into(),
             ..Settings::default()
         },
-    );
+    ) else {
+        return;
+    };
     let key = bed.key("report.bin");
     let gone = bed.key("gone.txt");
     let stable = bed.key("stable.txt");
@@ -681,10 +674,9 @@ fn an_object_overwritten_between_listing_and_get_is_listed_again_and_fetched_new
 #[test]
 fn a_damaged_download_is_discarded_and_fetched_again() {
     let test = "a_damaged_download_is_discarded_and_fetched_again";
-    let Some(backend) = Backend::moto(test) else {
+    let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
         return;
     };
-    let mut bed = Bed::new(backend, Settings::default());
     // One object checked through its MD5 ETag only, one that also carries a CRC32.
     let md5_key = bed.key("data.bin");
     let crc_key = bed.key("crc.bin");
@@ -768,17 +760,16 @@ fn a_damaged_download_is_discarded_and_fetched_again() {
 #[test]
 fn multipart_and_checksummed_objects_arrive_without_false_integrity_errors() {
     let test = "multipart_and_checksummed_objects_arrive_without_false_integrity_errors";
-    let Some(backend) = Backend::moto(test) else {
-        return;
-    };
     // Above the 5.5 MiB object: it comes by one GET (the ranged path has tests of its own).
-    let mut bed = Bed::new(
-        backend,
+    let Some(mut bed) = Bed::on_moto(
+        test,
         Settings {
             multipart_threshold: "16MiB".into(),
             ..Settings::default()
         },
-    );
+    ) else {
+        return;
+    };
     let multi_key = bed.key("multi.bin");
     let crc_key = bed.key("crc.txt");
     let part1 = random_bytes(5 * MIB, 71);
@@ -1155,10 +1146,9 @@ fn is_beside_name(name: &str) -> bool {
 #[test]
 fn a_file_the_user_edited_is_kept_and_the_new_version_lands_beside_it() {
     let test = "a_file_the_user_edited_is_kept_and_the_new_version_lands_beside_it";
-    let Some(backend) = Backend::moto(test) else {
+    let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
         return;
     };
-    let mut bed = Bed::new(backend, Settings::default());
     let key = bed.key("keep.txt");
     let keep = bed.inbox.join("keep.txt");
     let v1 = b"version 1 from the owner\n".to_vec();
@@ -1206,10 +1196,9 @@ fn a_file_the_user_edited_is_kept_and_the_new_version_lands_beside_it() {
 #[test]
 fn a_file_the_user_deleted_is_not_fetched_again_until_the_object_changes() {
     let test = "a_file_the_user_deleted_is_not_fetched_again_until_the_object_changes";
-    let Some(backend) = Backend::moto(test) else {
+    let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
         return;
     };
-    let mut bed = Bed::new(backend, Settings::default());
     let key = bed.key("orders.csv");
     let path = bed.inbox.join("orders.csv");
     let v1 = b"id,qty\n1,10\n".to_vec();
@@ -1337,10 +1326,9 @@ fn done_transfers_of(bed: &Bed, key: &str) -> Vec<serde_json::Value> {
 #[test]
 fn a_large_multipart_delivery_arrives_whole_by_parallel_ranged_gets() {
     let test = "a_large_multipart_delivery_arrives_whole_by_parallel_ranged_gets";
-    let Some(backend) = Backend::moto(test) else {
+    let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
         return;
     };
-    let mut bed = Bed::new(backend, Settings::default());
     let key = bed.key("big/multi.bin");
     let bytes = random_bytes(12 * MIB + 13, 91);
     let etag = put_multipart_5mib(&bed.owner, &key, &bytes);
@@ -1425,17 +1413,16 @@ fn a_large_multipart_delivery_arrives_whole_by_parallel_ranged_gets() {
 #[test]
 fn a_range_cut_refused_or_answered_whole_leaves_no_partial_file_and_the_next_poll_delivers_once() {
     let test = "a_range_cut_refused_or_answered_whole_leaves_no_partial_file_and_the_next_poll_delivers_once";
-    let Some(backend) = Backend::moto(test) else {
-        return;
-    };
     // An hour between polls: the second attempt comes only when SIGUSR1 asks for it.
-    let mut bed = Bed::new(
-        backend,
+    let Some(mut bed) = Bed::on_moto(
+        test,
         Settings {
             poll_interval: "1h".into(),
             ..Settings::default()
         },
-    );
+    ) else {
+        return;
+    };
     // One object per fault, each on one range of the first attempt: the middle range cut
     // 1 MiB into its body; the last range refused with an error the SDK does not retry;
     // the first range asked without its Range header (moto checks no signatures), so
@@ -1582,17 +1569,16 @@ fn a_range_cut_refused_or_answered_whole_leaves_no_partial_file_and_the_next_pol
 #[test]
 fn an_object_replaced_during_its_ranged_download_arrives_new_whole_and_once() {
     let test = "an_object_replaced_during_its_ranged_download_arrives_new_whole_and_once";
-    let Some(backend) = Backend::moto(test) else {
-        return;
-    };
     // An hour between polls: only the re-listing after a 412 can fetch the new version.
-    let mut bed = Bed::new(
-        backend,
+    let Some(mut bed) = Bed::on_moto(
+        test,
         Settings {
             poll_interval: "1h".into(),
             ..Settings::default()
         },
-    );
+    ) else {
+        return;
+    };
     let key = bed.key("replaced.bin");
     let v1 = random_bytes(12 * MIB + 5, 111);
     let v2 = random_bytes(8 * MIB + 7, 112);
@@ -1702,17 +1688,16 @@ fn an_object_replaced_during_its_ranged_download_arrives_new_whole_and_once() {
 #[test]
 fn only_large_multipart_objects_go_by_ranges_plain_md5_and_small_ones_by_one_get() {
     let test = "only_large_multipart_objects_go_by_ranges_plain_md5_and_small_ones_by_one_get";
-    let Some(backend) = Backend::moto(test) else {
-        return;
-    };
-    let mut bed = Bed::new(
-        backend,
+    let Some(mut bed) = Bed::on_moto(
+        test,
         Settings {
             multipart_threshold: "11MiB".into(),
             part_size: "5MiB".into(),
             ..Settings::default()
         },
-    );
+    ) else {
+        return;
+    };
     // Over the threshold with a multipart ETag: ranges. Over it with an MD5 ETag (one
     // PUT): one GET, checked by MD5. Multipart but under the threshold: one GET.
     let (large, plain, small) = (
@@ -1786,10 +1771,9 @@ fn only_large_multipart_objects_go_by_ranges_plain_md5_and_small_ones_by_one_get
 fn sigterm_during_a_ranged_download_leaves_no_temp_file_and_the_next_start_fetches_it_whole() {
     let test =
         "sigterm_during_a_ranged_download_leaves_no_temp_file_and_the_next_start_fetches_it_whole";
-    let Some(backend) = Backend::moto(test) else {
+    let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
         return;
     };
-    let mut bed = Bed::new(backend, Settings::default());
     fs::write(
         &bed.config_path,
         common::outbox::with_table_lines(&bed.config_text(), "transfer", "shutdown_grace = \"1s\""),

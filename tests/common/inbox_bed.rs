@@ -135,6 +135,12 @@ pub struct Bed {
 }
 
 impl Bed {
+    /// A bed on moto, or `None` (the test skips, or fails under `S3X_REQUIRE_INTEROP=1`)
+    /// when moto is not there: see [`Backend::moto`].
+    pub fn on_moto(test: &str, settings: Settings) -> Option<Self> {
+        Backend::moto(test).map(|backend| Self::new(backend, settings))
+    }
+
     /// Folders, canary, server (for [`Backend::S3sFs`]), proxies, a new bucket and the
     /// config file; the daemon is not started.
     pub fn new(backend: Backend, settings: Settings) -> Self {
