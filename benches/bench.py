@@ -17,6 +17,7 @@ Scenarios (issue 8):
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -43,6 +44,8 @@ LATENCY_FILES = int(os.environ.get("BENCH_LATENCY_FILES", "200"))
 # A fresh bucket per run: objects of an earlier run must not be mistaken for this one's.
 BUCKET = os.environ.get("BENCH_BUCKET") or f"bench-{int(time.time())}"
 SETTLE_MS = 200
+# Names this run's keys apart from earlier runs' in the same bucket.
+RUN = str(int(time.time()))
 # The peers to run beside s3-exchange (BENCH_PEERS=s5cmd for a quick comparison).
 PEERS = os.environ.get("BENCH_PEERS", "s5cmd,rclone,aws").split(",")
 
@@ -100,6 +103,21 @@ def count_files(path):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         total += len(files)
     return total
+
+
+def count_names(path):
+    """Entries directly in `path` but hidden ones (the daemon's temp folder): cheap enough
+    to call every 20 ms without taking much CPU from the clients being measured."""
+    try:
+        return sum(1 for e in os.scandir(path) if not e.name.startswith("."))
+    except FileNotFoundError:
+        return 0
+
+
+def children_cpu():
+    """User + system CPU seconds of every finished child process so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def proc_status(pid, field):
@@ -214,17 +232,20 @@ def scenario_big(work, client, summary):
     peak = []
     client.put_object(Bucket=BUCKET, Key="Delivery/big/seed", Body=b"x")
     for r in range(ROUNDS):
+        # Prefixes unique to this run: a reused bucket (BENCH_BUCKET) holds earlier runs' objects,
+        # which the daemon's start-up poll would fetch before the measurement.
+        tag = f"{RUN}-{r}"
         # Each daemon polls only its own round's prefix: earlier rounds' deliveries must
         # not be fetched during this round's measurements.
-        d = Daemon(os.path.join(work, f"big-{r}"), f"Delivery/big-{r}/")
-        name = f"big-{r}.bin"
+        d = Daemon(os.path.join(work, f"big-{tag}"), f"Delivery/big-{tag}/")
+        name = f"big-{tag}.bin"
         os.link(src, os.path.join(work, name))
         t0 = time.monotonic()
         os.rename(os.path.join(work, name), os.path.join(d.base, "outbox", name))
         wait_until("the big upload", lambda: os.path.exists(os.path.join(d.base, "sent", name)))
         up["s3-exchange"].append(time.monotonic() - t0)
         # Download: the owner's object is already there; a poll fetches it.
-        run([S5CMD, "--endpoint-url", ENDPOINT, "cp", src, f"s3://{BUCKET}/Delivery/big-{r}/big.bin"])
+        run([S5CMD, "--endpoint-url", ENDPOINT, "cp", src, f"s3://{BUCKET}/Delivery/big-{tag}/big.bin"])
         t0 = time.monotonic()
         d.poll_now()
         target = os.path.join(d.base, "inbox", "big.bin")
@@ -233,17 +254,17 @@ def scenario_big(work, client, summary):
         peak.append(proc_status(d.pid, "VmHWM"))
         d.stop()
         for peer, cmd in (
-            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/s5-{r}"]),
-            ("rclone", ["rclone", "copyto", src, f"rgw:{BUCKET}/Submissions/rc-{r}"]),
-            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--acl", "bucket-owner-full-control", "--quiet", src, f"s3://{BUCKET}/Submissions/aws-{r}"]),
+            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/s5-{tag}"]),
+            ("rclone", ["rclone", "copyto", src, f"rgw:{BUCKET}/Submissions/rc-{tag}"]),
+            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--acl", "bucket-owner-full-control", "--quiet", src, f"s3://{BUCKET}/Submissions/aws-{tag}"]),
         ):
             if peer in PEERS:
                 up[peer].append(timed(cmd))
         out = os.path.join(work, "down.bin")
         for peer, cmd in (
-            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/big-{r}/big.bin", out]),
-            ("rclone", ["rclone", "copyto", f"rgw:{BUCKET}/Delivery/big-{r}/big.bin", out]),
-            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--quiet", f"s3://{BUCKET}/Delivery/big-{r}/big.bin", out]),
+            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/big-{tag}/big.bin", out]),
+            ("rclone", ["rclone", "copyto", f"rgw:{BUCKET}/Delivery/big-{tag}/big.bin", out]),
+            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--quiet", f"s3://{BUCKET}/Delivery/big-{tag}/big.bin", out]),
         ):
             if peer not in PEERS:
                 continue
@@ -259,47 +280,62 @@ def scenario_big(work, client, summary):
 def scenario_small(work, client, summary):
     up = {name: [] for name in ["s3-exchange", *PEERS]}
     down = {name: [] for name in ["s3-exchange", *PEERS]}
+    cpu_up = {name: [] for name in ["s3-exchange", *PEERS]}
+    cpu_down = {name: [] for name in ["s3-exchange", *PEERS]}
     body = os.urandom(4096)
     for r in range(ROUNDS):
-        src = os.path.join(work, f"small-{r}")
+        # Prefixes unique to this run: a reused bucket (BENCH_BUCKET) holds earlier runs' objects,
+        # which the daemon's start-up poll would fetch before the measurement.
+        tag = f"{RUN}-{r}"
+        src = os.path.join(work, f"small-{tag}")
         os.makedirs(src)
         for i in range(1000):
             with open(os.path.join(src, f"f{i:04d}"), "wb") as f:
                 f.write(body)
-        d = Daemon(os.path.join(work, f"smalld-{r}"), f"Delivery/small-{r}/")
+        d = Daemon(os.path.join(work, f"smalld-{tag}"), f"Delivery/small-{tag}/")
+        cpu0 = cpu_seconds(d.pid)
         t0 = time.monotonic()
         shutil.copytree(src, os.path.join(d.base, "staging"))
         os.rename(os.path.join(d.base, "staging"), os.path.join(d.base, "outbox", "batch"))
-        wait_until("1000 uploads", lambda: count_files(os.path.join(d.base, "sent")) == 1000, step=0.02)
+        wait_until("1000 uploads", lambda: count_names(os.path.join(d.base, "sent", "batch")) == 1000, step=0.02)
         up["s3-exchange"].append(time.monotonic() - t0)
+        cpu_up["s3-exchange"].append(cpu_seconds(d.pid) - cpu0)
         # Delivered only now: the daemon's start-up poll must not fetch them during the
         # upload measurement (nor have them fetched before the download one starts).
-        put_many(client, f"Delivery/small-{r}/", 1000, body)
+        put_many(client, f"Delivery/small-{tag}/", 1000, body)
+        cpu0 = cpu_seconds(d.pid)
         t0 = time.monotonic()
         d.poll_now()
-        wait_until("1000 deliveries", lambda: count_files(os.path.join(d.base, "inbox")) >= 1000, step=0.02)
+        wait_until("1000 deliveries", lambda: count_names(os.path.join(d.base, "inbox")) >= 1000, step=0.02)
         down["s3-exchange"].append(time.monotonic() - t0)
+        cpu_down["s3-exchange"].append(cpu_seconds(d.pid) - cpu0)
         d.stop()
         for peer, cmd in (
-            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", f"{src}/*", f"s3://{BUCKET}/Submissions/s5-small-{r}/"]),
-            ("rclone", ["rclone", "copy", "--transfers", "16", src, f"rgw:{BUCKET}/Submissions/rc-small-{r}/"]),
-            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/aws-small-{r}/"]),
+            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", f"{src}/*", f"s3://{BUCKET}/Submissions/s5-small-{tag}/"]),
+            ("rclone", ["rclone", "copy", "--transfers", "16", src, f"rgw:{BUCKET}/Submissions/rc-small-{tag}/"]),
+            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/aws-small-{tag}/"]),
         ):
             if peer in PEERS:
+                cpu0 = children_cpu()
                 up[peer].append(timed(cmd))
+                cpu_up[peer].append(children_cpu() - cpu0)
         for peer, cmd in (
-            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/small-{r}/*", os.path.join(work, "dl") + "/"]),
-            ("rclone", ["rclone", "copy", "--transfers", "16", f"rgw:{BUCKET}/Delivery/small-{r}/", os.path.join(work, "dl")]),
-            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", f"s3://{BUCKET}/Delivery/small-{r}/", os.path.join(work, "dl")]),
+            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/small-{tag}/*", os.path.join(work, "dl") + "/"]),
+            ("rclone", ["rclone", "copy", "--transfers", "16", f"rgw:{BUCKET}/Delivery/small-{tag}/", os.path.join(work, "dl")]),
+            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", f"s3://{BUCKET}/Delivery/small-{tag}/", os.path.join(work, "dl")]),
         ):
             if peer not in PEERS:
                 continue
+            cpu0 = children_cpu()
             down[peer].append(timed(cmd))
+            cpu_down[peer].append(children_cpu() - cpu0)
             shutil.rmtree(os.path.join(work, "dl"))
         shutil.rmtree(d.base)
         shutil.rmtree(src)
     summary["small_up"] = report("1,000 x 4 KiB up", up)
+    summary["small_up_cpu"] = report("1,000 x 4 KiB up: the client's CPU seconds (on 2 cores the server's share the same CPUs)", cpu_up, unit="cpu-s")
     summary["small_down"] = report("1,000 x 4 KiB down", down)
+    summary["small_down_cpu"] = report("1,000 x 4 KiB down: the client's CPU seconds", cpu_down, unit="cpu-s")
 
 
 def scenario_poll_and_idle(work, client, summary):

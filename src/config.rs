@@ -378,7 +378,7 @@ struct RawTransfer {
 impl Default for RawTransfer {
     fn default() -> Self {
         Self {
-            concurrency: 32,
+            concurrency: 128,
             multipart_threshold: ByteSize(16 << 20),
             part_size: ByteSize(16 << 20),
             connect_timeout: HumanDuration(Duration::from_secs(10)),
@@ -720,7 +720,7 @@ mod tests {
         assert_eq!(c.outbox.after_upload, AfterUpload::Move);
         assert_eq!(c.inbox.prefix.as_str(), "Delivery/");
         assert_eq!(c.inbox.poll_interval, Duration::from_secs(30));
-        assert_eq!(c.transfer.concurrency, 32);
+        assert_eq!(c.transfer.concurrency, 128);
         assert_eq!(c.transfer.part_size, 16 << 20);
         assert_eq!(c.log.max_files, 14);
         assert_eq!(c.metrics.listen, None);

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -356,6 +356,7 @@ impl Workers {
                 store: store.clone(),
                 ledger: Arc::clone(ledger),
                 parts_denied: Default::default(),
+                part_slots: Semaphore::new(crate::upload::PARTS_IN_FLIGHT_TOTAL),
             }),
             inbox: Arc::new(Inbox {
                 config: config.inbox.clone(),
@@ -364,6 +365,7 @@ impl Workers {
                 ledger: Arc::clone(ledger),
                 root,
                 poll_now: Default::default(),
+                range_slots: Semaphore::new(crate::inbox::RANGES_IN_FLIGHT_TOTAL),
             }),
         })
     }

@@ -41,6 +41,12 @@ const MAX_QUICK_REPOLLS: u32 = 3;
 /// not by the object's size.
 const RANGES_IN_FLIGHT: usize = 8;
 
+/// Ranged GETs in flight at once across all downloads. Each holds up to a few MiB of
+/// buffers, so with `transfer.concurrency` big deliveries at once memory would grow with
+/// the concurrency; this cap keeps it bounded (two big deliveries at full speed, more
+/// share the slots) while small deliveries, which take no slot, keep their concurrency.
+pub const RANGES_IN_FLIGHT_TOTAL: usize = 2 * RANGES_IN_FLIGHT;
+
 /// What the inbox worker needs.
 pub struct Inbox {
     pub config: config::Inbox,
@@ -50,6 +56,8 @@ pub struct Inbox {
     pub root: InboxRoot,
     /// Notified (SIGUSR1) to poll now instead of at the end of the interval.
     pub poll_now: tokio::sync::Notify,
+    /// [`RANGES_IN_FLIGHT_TOTAL`] slots, one taken by each ranged GET while it runs.
+    pub range_slots: Semaphore,
 }
 
 /// Counts of one poll (or, summed, of a run).
@@ -405,7 +413,15 @@ impl Inbox {
         let (tx, rx) = tokio::sync::mpsc::channel::<Placed>(WRITE_QUEUE * RANGES_IN_FLIGHT);
         let writer = tokio::task::spawn_blocking(move || write_at_offsets(&file, rx, size));
         let mut ranges = futures_util::stream::iter(plan::byte_ranges(size, range))
-            .map(|r| self.fetch_range(&object.key, etag, r, size, tx.clone()))
+            .map(|r| {
+                let tx = tx.clone();
+                async move {
+                    // Never closed, so `acquire` cannot fail; the slot is held until the
+                    // range is handed to the writer whole.
+                    let _slot = self.range_slots.acquire().await.ok();
+                    self.fetch_range(&object.key, etag, r, size, tx).await
+                }
+            })
             .buffer_unordered(RANGES_IN_FLIGHT);
         let mut failure = None;
         while let Some(done) = ranges.next().await {

@@ -17,6 +17,7 @@ pub mod inbox;
 pub mod init;
 pub mod keys;
 pub mod ledger;
+pub mod limits;
 pub mod localfs;
 pub mod logging;
 pub mod memory;

@@ -60,6 +60,27 @@ pub fn md5_range(path: &Path, offset: u64, len: u64) -> io::Result<[u8; 16]> {
     Ok(hasher.finalize().into())
 }
 
+/// Reads a whole file of `size` bytes (as its stamp said) and its MD5. Fails if the
+/// file now holds fewer or more bytes: it changed, and the upload must wait.
+pub fn read_small(path: &Path, size: u64) -> io::Result<(Vec<u8>, [u8; 16])> {
+    use std::io::Read;
+    let file = File::open(path)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    // One byte more than expected tells a grown file from a complete one.
+    file.take(size + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 != size {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "the file changed while it was read ({} bytes, {size} expected)",
+                bytes.len()
+            ),
+        ));
+    }
+    let md5 = Md5::digest(&bytes).into();
+    Ok((bytes, md5))
+}
+
 /// Lets `io::copy` feed a hasher with its own buffer.
 struct HashWriter<'a>(&'a mut Md5);
 
@@ -352,6 +373,24 @@ mod tests {
             &ObjectKey::from_listing(format!("D/{key}")),
         )
         .expect("valid key")
+    }
+
+    #[test]
+    fn a_small_file_is_read_whole_with_its_md5_and_a_changed_size_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("f");
+        std::fs::write(&path, b"hello").expect("write");
+        let (bytes, md5) = read_small(&path, 5).expect("read");
+        assert_eq!(bytes, b"hello");
+        // md5("hello")
+        assert_eq!(crate::plan::hex(&md5), "5d41402abc4b2a76b9719d911017c592");
+        // The stamp said 4 bytes (it grew since) or 6 (it shrank): never sent as it is.
+        for stale in [4, 6] {
+            let err = read_small(&path, stale).expect_err("size changed");
+            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        }
+        let err = read_small(&tmp.path().join("gone"), 1).expect_err("vanished");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use s3_exchange::cli::{Cli, Command};
 use s3_exchange::config::{self, Config};
 use s3_exchange::daemon::{self, Daemon};
 use s3_exchange::status::Snapshot;
-use s3_exchange::{check, init, logging};
+use s3_exchange::{check, init, limits, logging};
 
 /// `status` when no daemon runs (as `systemctl status` does for an inactive unit).
 const EXIT_NOT_RUNNING: u8 = 3;
@@ -38,6 +38,17 @@ fn main() -> ExitCode {
         Command::Run | Command::Sync => Some(logging::init(&config.log)),
         _ => None,
     };
+    if matches!(cli.command, Command::Run | Command::Sync) {
+        let needed = limits::open_files_needed(config.transfer.concurrency);
+        if let Some(limit) = limits::raise_open_files(needed) {
+            tracing::warn!(
+                limit,
+                needed,
+                concurrency = config.transfer.concurrency,
+                "the open-file limit is low for transfer.concurrency: transfers may fail with \"too many open files\"; raise it (LimitNOFILE= in the unit, ulimit -n) or lower transfer.concurrency"
+            );
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -41,6 +41,9 @@ pub struct Outbox {
     /// CreateMultipartUpload: a policy demanding `s3:x-amz-acl` denies every part (parts
     /// carry no ACL header). From then on files up to 5 GiB go as single PUTs.
     pub parts_denied: AtomicBool,
+    /// [`crate::upload::PARTS_IN_FLIGHT_TOTAL`] slots, one taken by each part while it
+    /// is hashed and sent.
+    pub part_slots: Semaphore,
 }
 
 /// Counts for `sync` and the shutdown log line.

@@ -251,6 +251,28 @@ impl Store {
         let body = file_body(path, 0, len)
             .await
             .map_err(|e| io_error("PutObject", key, e))?;
+        self.put_body(key, body, len, md5).await
+    }
+
+    /// Uploads `bytes`, already read and hashed, as `key` with one PUT: how small files
+    /// go, so that the bytes hashed are exactly the bytes sent and nothing is read twice.
+    pub async fn put_object_bytes(
+        &self,
+        key: &ObjectKey,
+        bytes: bytes::Bytes,
+        md5: &[u8; 16],
+    ) -> Result<Option<ETag>, Error> {
+        let len = bytes.len() as u64;
+        self.put_body(key, ByteStream::from(bytes), len, md5).await
+    }
+
+    async fn put_body(
+        &self,
+        key: &ObjectKey,
+        body: ByteStream,
+        len: u64,
+        md5: &[u8; 16],
+    ) -> Result<Option<ETag>, Error> {
         let out = self
             .client
             .put_object()
@@ -607,7 +629,9 @@ async fn file_body(
         .path(path)
         .offset(offset)
         .length(Length::Exact(len))
-        .buffer_size(256 << 10)
+        // Never a buffer bigger than the body: a 256 KiB buffer per small file costs an
+        // allocation the allocator must consolidate (a fifth of the CPU of 1,000 uploads).
+        .buffer_size(usize::try_from(len.clamp(1, 256 << 10)).unwrap_or(256 << 10))
         .build()
         .await
 }
