@@ -1410,6 +1410,107 @@ fn a_large_multipart_delivery_arrives_whole_by_parallel_ranged_gets() {
     bed.assert_nothing_outside();
 }
 
+/// Ranged GETs in flight across all downloads, as the proxy sees them: each range's GET
+/// counts while it is held at the proxy. A GET waits there until all `wanted` have arrived
+/// (which happens only if nothing caps them) or, the first time, until `window` has
+/// passed; later GETs go straight through.
+#[derive(Default)]
+struct RangeGauge {
+    state: std::sync::Mutex<(usize, usize, bool)>, // (held now, most held, window over)
+    changed: std::sync::Condvar,
+}
+
+impl RangeGauge {
+    fn hold(&self, wanted: usize, window: Duration) {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.0 += 1;
+        st.1 = st.1.max(st.0);
+        self.changed.notify_all();
+        let deadline = Instant::now() + window;
+        while st.0 < wanted && !st.2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                st.2 = true;
+                self.changed.notify_all();
+                break;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        st.0 -= 1;
+    }
+
+    fn most_held(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+    }
+}
+
+#[test]
+fn ranged_gets_of_several_large_deliveries_share_sixteen_slots() {
+    let test = "ranged_gets_of_several_large_deliveries_share_sixteen_slots";
+    let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
+        return;
+    };
+    // Three deliveries of 6 ranges each at once want 18 GETs; the cap is 16
+    // (inbox::RANGES_IN_FLIGHT_TOTAL), and each alone is held to 8.
+    let objects: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| {
+            let key = bed.key(&format!("big/{i}.bin"));
+            let bytes = random_bytes(6 * 5 * MIB - 7, 200 + i);
+            put_multipart_5mib(&bed.owner, &key, &bytes);
+            (key, bytes)
+        })
+        .collect();
+    let wanted = 18;
+    let gauge = std::sync::Arc::new(RangeGauge::default());
+    for (key, bytes) in &objects {
+        for range in ranges_of(bytes.len(), 5 * MIB) {
+            let gauge = std::sync::Arc::clone(&gauge);
+            bed.proxy.inject(
+                range_get(&bed, key, &range),
+                common::Fault::Before(Box::new(move || {
+                    gauge.hold(wanted, Duration::from_secs(3));
+                })),
+                1,
+            );
+        }
+    }
+
+    bed.start();
+    let names: Vec<String> = (0..3).map(|i| format!("big/{i}.bin")).collect();
+    bed.wait_for("the three deliveries in the inbox", || {
+        names.iter().all(|n| bed.inbox.join(n).exists())
+    });
+    bed.stop();
+    let context = bed.diagnostics();
+    for ((_, bytes), name) in objects.iter().zip(&names) {
+        assert_same_bytes(
+            &format!("inbox/{name}"),
+            read_file(&bed.inbox.join(name)).as_deref(),
+            bytes,
+            &context,
+        );
+    }
+    assert_eq!(
+        gauge.most_held(),
+        16,
+        "ranged GETs held at once across the three downloads (16 slots)\n{}",
+        bed.proxy.summary()
+    );
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    bed.assert_inbox_holds(&names);
+    bed.assert_nothing_outside();
+}
+
 #[test]
 fn a_range_cut_refused_or_answered_whole_leaves_no_partial_file_and_the_next_poll_delivers_once() {
     let test = "a_range_cut_refused_or_answered_whole_leaves_no_partial_file_and_the_next_poll_delivers_once";
