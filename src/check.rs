@@ -3,8 +3,9 @@
 //! Each step says what it found or, on failure, the likely cause and fix. The steps
 //! follow the order in which a set-up breaks: configuration, credentials, whose they
 //! are (STS GetCallerIdentity), listing the inbox prefix, and with `--write` one small
-//! probe PUT under the outbox prefix with the configured ACL: the same call the daemon
-//! makes, through the same [`Store`], so a pass means the daemon's upload works too.
+//! probe PUT under the outbox prefix with the configured ACL: the streamed PUT the daemon
+//! makes for every file over 64 KiB, through the same [`Store`], so a pass means the
+//! daemon's uploads work too (small files, sent from memory, are never stricter).
 //!
 //! Besides `store`, the only module talking to AWS directly: it asks STS who we are,
 //! which the daemon itself never needs.

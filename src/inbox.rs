@@ -43,8 +43,10 @@ const RANGES_IN_FLIGHT: usize = 8;
 
 /// Ranged GETs in flight at once across all downloads. Each holds up to a few MiB of
 /// buffers, so with `transfer.concurrency` big deliveries at once memory would grow with
-/// the concurrency; this cap keeps it bounded (two big deliveries at full speed, more
-/// share the slots) while small deliveries, which take no slot, keep their concurrency.
+/// the concurrency; this cap keeps it bounded. Two big deliveries go at full speed; more
+/// take the slots in turn (first come, first served), so they progress together rather
+/// than one after another. Small deliveries take no slot, but a big one waiting for slots
+/// still holds its `transfer.concurrency` permit.
 pub const RANGES_IN_FLIGHT_TOTAL: usize = 2 * RANGES_IN_FLIGHT;
 
 /// What the inbox worker needs.

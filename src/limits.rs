@@ -16,22 +16,31 @@ pub fn open_files_needed(concurrency: usize) -> u64 {
     (concurrency as u64) * 6 + 128
 }
 
-/// Raises the soft open-file limit to the hard one. Returns the limit now in force when
-/// it is still below `needed` (the hard limit is too low), so the caller can warn.
+/// Raises the soft open-file limit to the hard one, always (a reload may raise
+/// `transfer.concurrency` later). Returns the limit now in force when it is still below
+/// `needed` (the hard limit is too low), so the caller can warn.
 pub fn raise_open_files(needed: u64) -> Option<u64> {
     let limit = getrlimit(Resource::Nofile);
-    let now = limit.current.unwrap_or(u64::MAX);
-    if now >= needed {
-        return None;
+    let soft = limit.current.unwrap_or(u64::MAX);
+    // An unlimited hard limit is no value Linux takes for the soft one (EPERM above
+    // fs.nr_open, 2^20 by default): aim at that, then at what is needed.
+    let targets = match limit.maximum {
+        Some(hard) => vec![hard],
+        None => vec![needed.max(1 << 20), needed],
+    };
+    for target in targets {
+        if target <= soft {
+            break;
+        }
+        let raised = Rlimit {
+            current: Some(target),
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            break;
+        }
     }
-    let raised = Rlimit {
-        current: limit.maximum,
-        maximum: limit.maximum,
-    };
-    let now = match setrlimit(Resource::Nofile, raised) {
-        Ok(()) => limit.maximum.unwrap_or(u64::MAX),
-        Err(_) => now,
-    };
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
     (now < needed).then_some(now)
 }
 
@@ -40,7 +49,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_soft_limit_rises_to_what_is_needed() {
+    fn the_soft_limit_rises_to_the_hard_one() {
         let needed = open_files_needed(128);
         let hard = getrlimit(Resource::Nofile).maximum.unwrap_or(u64::MAX);
         let short = raise_open_files(needed);
@@ -48,6 +57,10 @@ mod tests {
         if hard >= needed {
             assert_eq!(short, None);
             assert!(soft >= needed, "soft limit {soft} < {needed}");
+            // Raised all the way to a finite hard limit, not just to what is needed.
+            if let Some(hard) = getrlimit(Resource::Nofile).maximum {
+                assert_eq!(soft, hard);
+            }
         } else {
             assert_eq!(short, Some(soft));
         }

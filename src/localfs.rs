@@ -67,7 +67,7 @@ pub fn read_small(path: &Path, size: u64) -> io::Result<(Vec<u8>, [u8; 16])> {
     let file = File::open(path)?;
     let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     // One byte more than expected tells a grown file from a complete one.
-    file.take(size + 1).read_to_end(&mut bytes)?;
+    file.take(size.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 != size {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,

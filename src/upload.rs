@@ -28,7 +28,8 @@ const PARTS_IN_FLIGHT: usize = 8;
 
 /// Parts in flight at once across all multipart uploads, so that `transfer.concurrency`
 /// big files at once do not mean `concurrency` times [`PARTS_IN_FLIGHT`] streams (and
-/// their buffers): two big files go at full speed, more share the slots.
+/// their buffers): two big files go at full speed, more take the slots in turn (first
+/// come, first served) and progress together.
 pub const PARTS_IN_FLIGHT_TOTAL: usize = 2 * PARTS_IN_FLIGHT;
 
 /// Files up to this size are read into memory once, hashed and sent from there: one

@@ -1411,46 +1411,63 @@ fn a_large_multipart_delivery_arrives_whole_by_parallel_ranged_gets() {
 }
 
 /// Ranged GETs in flight across all downloads, as the proxy sees them: each range's GET
-/// counts while it is held at the proxy. A GET waits there until all `wanted` have arrived
-/// (which happens only if nothing caps them) or, the first time, until `window` has
-/// passed; later GETs go straight through.
+/// counts while it is held at the proxy. The GETs are held until all `wanted` have
+/// arrived (only possible if nothing caps them), or until `cap` are held and no other has
+/// come for a second (the cap binds), or 30 s have passed; from then on none is held.
 #[derive(Default)]
 struct RangeGauge {
-    state: std::sync::Mutex<(usize, usize, bool)>, // (held now, most held, window over)
+    state: std::sync::Mutex<GaugeState>,
     changed: std::sync::Condvar,
 }
 
+#[derive(Default)]
+struct GaugeState {
+    held: usize,
+    most: usize,
+    last_arrival: Option<Instant>,
+    released: bool,
+}
+
 impl RangeGauge {
-    fn hold(&self, wanted: usize, window: Duration) {
+    fn hold(&self, wanted: usize, cap: usize) {
+        const QUIET: Duration = Duration::from_secs(1);
+        let deadline = Instant::now() + Duration::from_secs(30);
         let mut st = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        st.0 += 1;
-        st.1 = st.1.max(st.0);
+        st.held += 1;
+        st.most = st.most.max(st.held);
+        st.last_arrival = Some(Instant::now());
         self.changed.notify_all();
-        let deadline = Instant::now() + window;
-        while st.0 < wanted && !st.2 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                st.2 = true;
+        loop {
+            let quiet_for = st.last_arrival.map_or(Duration::ZERO, |t| t.elapsed());
+            if st.held >= wanted || (st.held >= cap && quiet_for >= QUIET) {
+                st.released = true;
+            }
+            if st.released || Instant::now() >= deadline {
+                st.released = true;
                 self.changed.notify_all();
                 break;
             }
+            let wait = QUIET
+                .saturating_sub(quiet_for)
+                .max(Duration::from_millis(10))
+                .min(deadline.saturating_duration_since(Instant::now()));
             st = self
                 .changed
-                .wait_timeout(st, left)
+                .wait_timeout(st, wait)
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
         }
-        st.0 -= 1;
+        st.held -= 1;
     }
 
     fn most_held(&self) -> usize {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .1
+            .most
     }
 }
 
@@ -1460,8 +1477,8 @@ fn ranged_gets_of_several_large_deliveries_share_sixteen_slots() {
     let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
         return;
     };
-    // Three deliveries of 6 ranges each at once want 18 GETs; the cap is 16
-    // (inbox::RANGES_IN_FLIGHT_TOTAL), and each alone is held to 8.
+    // Three deliveries of 6 ranges each at once want 18 GETs; the cap is 16, and each
+    // alone is held to 8.
     let objects: Vec<(String, Vec<u8>)> = (0..3)
         .map(|i| {
             let key = bed.key(&format!("big/{i}.bin"));
@@ -1470,7 +1487,9 @@ fn ranged_gets_of_several_large_deliveries_share_sixteen_slots() {
             (key, bytes)
         })
         .collect();
-    let wanted = 18;
+    let cap = s3_exchange::inbox::RANGES_IN_FLIGHT_TOTAL;
+    let wanted = 3 * 6;
+    assert!(cap < wanted, "the test needs more ranges than the cap");
     let gauge = std::sync::Arc::new(RangeGauge::default());
     for (key, bytes) in &objects {
         for range in ranges_of(bytes.len(), 5 * MIB) {
@@ -1478,7 +1497,7 @@ fn ranged_gets_of_several_large_deliveries_share_sixteen_slots() {
             bed.proxy.inject(
                 range_get(&bed, key, &range),
                 common::Fault::Before(Box::new(move || {
-                    gauge.hold(wanted, Duration::from_secs(3));
+                    gauge.hold(wanted, cap);
                 })),
                 1,
             );
@@ -1502,8 +1521,8 @@ fn ranged_gets_of_several_large_deliveries_share_sixteen_slots() {
     }
     assert_eq!(
         gauge.most_held(),
-        16,
-        "ranged GETs held at once across the three downloads (16 slots)\n{}",
+        cap,
+        "ranged GETs held at once across the three downloads ({cap} slots)\n{}",
         bed.proxy.summary()
     );
     let names: Vec<&str> = names.iter().map(String::as_str).collect();

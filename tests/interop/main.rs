@@ -228,6 +228,14 @@ fn assert_checksums_on_the_wire(t: &Trade, checksums: &str) {
             );
         } else {
             assert!(checksum, "when_supported: no checksum sent: {r:?}");
+            // Small files go from memory: the SDK adds its CRC32 header, and the
+            // Content-MD5 the server checks must still be there.
+            if !chunked {
+                assert!(
+                    r.header("content-md5").is_some(),
+                    "when_supported, plain body without Content-MD5: {r:?}"
+                );
+            }
         }
     }
 }
