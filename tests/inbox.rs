@@ -24,7 +24,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::inbox_bed::{Backend, Bed, field, note, skip};
-use common::{Owner, Recorded, Settings, assert_same_bytes, files_under, random_bytes, read_file};
+use common::{
+    HeldGauge, Owner, Recorded, Settings, assert_same_bytes, files_under, random_bytes, read_file,
+};
 
 const MIB: usize = 1024 * 1024;
 
@@ -1410,67 +1412,6 @@ fn a_large_multipart_delivery_arrives_whole_by_parallel_ranged_gets() {
     bed.assert_nothing_outside();
 }
 
-/// Ranged GETs in flight across all downloads, as the proxy sees them: each range's GET
-/// counts while it is held at the proxy. The GETs are held until all `wanted` have
-/// arrived (only possible if nothing caps them), or until `cap` are held and no other has
-/// come for a second (the cap binds), or 30 s have passed; from then on none is held.
-#[derive(Default)]
-struct RangeGauge {
-    state: std::sync::Mutex<GaugeState>,
-    changed: std::sync::Condvar,
-}
-
-#[derive(Default)]
-struct GaugeState {
-    held: usize,
-    most: usize,
-    last_arrival: Option<Instant>,
-    released: bool,
-}
-
-impl RangeGauge {
-    fn hold(&self, wanted: usize, cap: usize) {
-        const QUIET: Duration = Duration::from_secs(1);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut st = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        st.held += 1;
-        st.most = st.most.max(st.held);
-        st.last_arrival = Some(Instant::now());
-        self.changed.notify_all();
-        loop {
-            let quiet_for = st.last_arrival.map_or(Duration::ZERO, |t| t.elapsed());
-            if st.held >= wanted || (st.held >= cap && quiet_for >= QUIET) {
-                st.released = true;
-            }
-            if st.released || Instant::now() >= deadline {
-                st.released = true;
-                self.changed.notify_all();
-                break;
-            }
-            let wait = QUIET
-                .saturating_sub(quiet_for)
-                .max(Duration::from_millis(10))
-                .min(deadline.saturating_duration_since(Instant::now()));
-            st = self
-                .changed
-                .wait_timeout(st, wait)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
-        }
-        st.held -= 1;
-    }
-
-    fn most_held(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .most
-    }
-}
-
 #[test]
 fn ranged_gets_of_several_large_deliveries_share_sixteen_slots() {
     let test = "ranged_gets_of_several_large_deliveries_share_sixteen_slots";
@@ -1490,7 +1431,7 @@ fn ranged_gets_of_several_large_deliveries_share_sixteen_slots() {
     let cap = s3_exchange::inbox::RANGES_IN_FLIGHT_TOTAL;
     let wanted = 3 * 6;
     assert!(cap < wanted, "the test needs more ranges than the cap");
-    let gauge = std::sync::Arc::new(RangeGauge::default());
+    let gauge = std::sync::Arc::new(HeldGauge::default());
     for (key, bytes) in &objects {
         for range in ranges_of(bytes.len(), 5 * MIB) {
             let gauge = std::sync::Arc::clone(&gauge);

@@ -26,8 +26,8 @@ use common::outbox::{
     with_outbox_lines, with_outbox_value, with_table_lines,
 };
 use common::{
-    Exchange, Fault, Recorded, Settings, assert_same_bytes, files_under, random_bytes, read_file,
-    write_file, write_slowly,
+    Exchange, Fault, HeldGauge, Recorded, Settings, assert_same_bytes, files_under, random_bytes,
+    read_file, write_file, write_slowly,
 };
 
 const MIB: usize = 1024 * 1024;
@@ -921,6 +921,53 @@ fn large_files_go_in_parts_each_with_its_content_md5() {
     assert!(
         !requests.iter().any(|r| is_put_object_of(r, &key)),
         "big.bin also went as a single PUT"
+    );
+}
+
+/// Parts of several big files share 16 slots (upload::PARTS_IN_FLIGHT_TOTAL): three
+/// files of 6 parts each at once want 18 UploadParts, and never more than 16 reach the
+/// server at once; every file still arrives whole.
+#[test]
+fn parts_of_several_large_files_share_sixteen_slots() {
+    let mut ex = Exchange::new();
+    let cap = s3_exchange::upload::PARTS_IN_FLIGHT_TOTAL;
+    let wanted = 3 * 6;
+    assert!(cap < wanted, "the test needs more parts than the cap");
+    let gauge = Arc::new(HeldGauge::default());
+    let files: Vec<(String, Vec<u8>)> = (0..3u64)
+        .map(|i| {
+            (
+                format!("big-{i}.bin"),
+                random_bytes(6 * 5 * MIB - 11, 300 + i),
+            )
+        })
+        .collect();
+    for (name, _) in &files {
+        let key = ex.submission_key(name);
+        for part in 1..=6u32 {
+            let (key, gauge) = (key.clone(), Arc::clone(&gauge));
+            ex.proxy.inject(
+                move |r: &Recorded| is_upload_part_of(r, &key) && part_number(r) == Some(part),
+                Fault::Before(Box::new(move || gauge.hold(wanted, cap))),
+                1,
+            );
+        }
+    }
+    for (name, bytes) in &files {
+        write_file(&ex.outbox.join(name), bytes);
+    }
+    ex.start();
+    ex.wait_for("the three files in sent/", || {
+        files.iter().all(|(name, _)| moved_to_sent(&ex, name))
+    });
+    for (name, bytes) in &files {
+        assert_object(&ex, &ex.submission_key(name), bytes);
+    }
+    assert_eq!(
+        gauge.most_held(),
+        cap,
+        "UploadParts held at once across the three files ({cap} slots)\n{}",
+        ex.proxy.summary()
     );
 }
 

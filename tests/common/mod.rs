@@ -12,6 +12,7 @@
 mod daemon;
 pub mod expected_owner;
 mod fixture;
+mod gauge;
 pub mod inbox_bed;
 pub mod outbox;
 mod owner;
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 
 pub use daemon::{Daemon, Finished, wait_while_running};
 pub use fixture::{BUCKET, Exchange, Settings};
+pub use gauge::HeldGauge;
 pub use owner::Owner;
 pub use proxy::{Fault, Injected, Proxy, Recorded, get_of};
 pub use server::{S3Server, SHORT_LIVED_PREFIX, short_lived_secret};
