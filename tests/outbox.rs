@@ -1201,16 +1201,27 @@ fn files_vanishing_before_or_during_the_upload_leave_nothing_behind() {
     write_file(&ex.outbox.join("brief.txt"), b"here and gone\n");
     fs::remove_file(ex.outbox.join("brief.txt")).expect("delete brief.txt");
 
-    // During the upload: deleted once its first part is on the wire.
+    // During the upload: deleted while its first part is held at the proxy, so the upload
+    // cannot have completed first.
     let key = ex.submission_key("doomed.bin");
-    write_file(&ex.outbox.join("doomed.bin"), &random_bytes(40 * MIB, 161));
+    let doomed = ex.outbox.join("doomed.bin");
+    let deleted = {
+        let (key, doomed) = (key.clone(), doomed.clone());
+        ex.proxy.inject(
+            move |r: &Recorded| is_upload_part_of(r, &key) && part_number(r) == Some(1),
+            Fault::Before(Box::new(move || {
+                fs::remove_file(&doomed).expect("delete doomed.bin");
+            })),
+            1,
+        )
+    };
+    write_file(&doomed, &random_bytes(40 * MIB, 161));
     spin_until(
         &ex,
-        "the first UploadPart of doomed.bin",
+        "doomed.bin deleted during its first UploadPart",
         common::TIMEOUT,
-        || count(&ex, &key, is_upload_part_of) >= 1,
+        || deleted.count() == 1,
     );
-    fs::remove_file(ex.outbox.join("doomed.bin")).expect("delete doomed.bin");
     ex.wait_for("the `transfer` event of doomed.bin", || {
         !stderr_lines_with(&ex, &["transfer", "doomed.bin", "outcome="]).is_empty()
     });
