@@ -33,6 +33,20 @@ pub fn stamp_of(meta: &std::fs::Metadata) -> FileStamp {
     }
 }
 
+/// When the file at `meta` last changed: its ctime, or its mtime if that is later (a
+/// file system that does not keep ctime honestly still moves mtime on a write). See
+/// [`crate::plan::WallClock`] for why ctime is the one to trust.
+pub fn changed_at(meta: &std::fs::Metadata) -> std::time::SystemTime {
+    let ctime = u64::try_from(meta.ctime())
+        .ok()
+        .and_then(|secs| {
+            let nanos = u32::try_from(meta.ctime_nsec()).unwrap_or(0);
+            std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(secs, nanos))
+        })
+        .unwrap_or(std::time::UNIX_EPOCH);
+    meta.modified().map_or(ctime, |mtime| mtime.max(ctime))
+}
+
 fn stamp_of_stat(st: &rustix::fs::Stat) -> FileStamp {
     FileStamp {
         size: u64::try_from(st.st_size).unwrap_or(0),

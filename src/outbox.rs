@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -87,6 +87,8 @@ struct State {
     /// False for `sync`: a failure is counted and the file left for the next run.
     retry: bool,
     permits: Arc<Semaphore>,
+    /// Vouches for files' change times (see [`Self::quiet_since`]).
+    clock: plan::WallClock,
     tasks: JoinSet<(PathBuf, FileStamp, Outcome)>,
     totals: Totals,
 }
@@ -168,6 +170,7 @@ impl State {
     fn new(outbox: Arc<Outbox>) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(outbox.transfer.concurrency)),
+            clock: plan::WallClock::new(Instant::now(), SystemTime::now()),
             outbox,
             pending: HashMap::new(),
             in_flight: HashSet::new(),
@@ -268,7 +271,7 @@ impl State {
         if self.ignored(path) {
             return;
         }
-        let Some(stamp) = self.outbox.stamp_of(path) else {
+        let Some((stamp, changed_at)) = self.outbox.look_at(path) else {
             self.skip_once(path);
             return;
         };
@@ -288,14 +291,33 @@ impl State {
             self.backlog = true;
             return;
         }
-        self.pending
-            .entry(path.to_owned())
-            .and_modify(|c| {
-                if found == Found::ByEvent {
-                    c.touched(stamp, now);
-                }
-            })
-            .or_insert_with(|| Candidate::new(stamp, now));
+        let known = self.pending.contains_key(path);
+        if known && found == Found::ByScan {
+            return;
+        }
+        let quiet_since = self.quiet_since(path, changed_at, now);
+        match self.pending.get_mut(path) {
+            Some(c) => c.touched(stamp, quiet_since),
+            None => {
+                self.pending
+                    .insert(path.to_owned(), Candidate::new(stamp, quiet_since));
+            }
+        }
+    }
+
+    /// Since when, on the monotonic clock, the file has been unchanged: `now`, or as far
+    /// back as its change time vouches for, up to one settle time (see
+    /// [`plan::WallClock`]). A finished folder moved in goes at once instead of after
+    /// another settle time.
+    fn quiet_since(&mut self, path: &Path, changed_at: SystemTime, now: Instant) -> Instant {
+        let (mono, wall) = (Instant::now(), SystemTime::now());
+        self.clock.sample(mono, wall);
+        let settle = self.outbox.config.settle;
+        let quiet = self.clock.quiet_since(changed_at, wall).min(settle);
+        if quiet == settle && !settle.is_zero() {
+            tracing::debug!(path = %path.display(), "settled already: unchanged for `settle` by its change time");
+        }
+        mono.checked_sub(quiet).unwrap_or(mono).min(now)
     }
 
     /// Forgets a path that is gone, and logs once why a path that is there is not sent.

@@ -4,7 +4,7 @@
 //! The workers gather facts (stat results, ledger records, listings) and ask here; so
 //! every rule the daemon promises has a unit test that needs neither S3 nor a disk.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::keys::{ChangeToken, ETag};
 
@@ -61,6 +61,60 @@ impl Candidate {
     /// When the file would be settled if nothing changes.
     pub fn due(&self, settle: Duration) -> Instant {
         self.quiet_since + settle
+    }
+}
+
+/// How far a wall-clock reading may stray from the monotonic clock between two looks
+/// before it counts as a step: NTP slews at most 0.05%; a step (a manual `date`, NTP's
+/// first sync, a resume from suspend) moves it at once.
+const CLOCK_STEP: Duration = Duration::from_millis(50);
+
+/// Whether a file's own change time can stand in for watching it settle.
+///
+/// A file found in the outbox (a finished folder moved in, files there at start-up) has
+/// often been unchanged for longer than `settle` already, and waiting another settle time
+/// proves nothing more. Its ctime says so: every write, truncate, rename and chmod moves
+/// it to "now", and no one can set it back (unlike mtime, which `touch -d` or `cp -p`
+/// sets to anything). It is a wall-clock time, though, so it is trusted only for changes
+/// made since the daemon started and since the wall clock last stepped: a clock set
+/// forward by an hour would otherwise make a file written a moment ago look an hour old.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    last: (Instant, SystemTime),
+    trusted_from: SystemTime,
+}
+
+impl WallClock {
+    pub fn new(mono: Instant, wall: SystemTime) -> Self {
+        Self {
+            last: (mono, wall),
+            trusted_from: wall,
+        }
+    }
+
+    /// Folds in a reading of both clocks: if the wall clock moved other than the
+    /// monotonic one since the last reading, only changes from now on are trusted.
+    pub fn sample(&mut self, mono: Instant, wall: SystemTime) {
+        let (mono_then, wall_then) = self.last;
+        let elapsed = mono.saturating_duration_since(mono_then);
+        let drift = match wall.duration_since(wall_then) {
+            Ok(moved) => moved.abs_diff(elapsed),
+            Err(back) => back.duration() + elapsed,
+        };
+        if drift > CLOCK_STEP + elapsed / 2000 {
+            self.trusted_from = wall;
+        }
+        self.last = (mono, wall);
+    }
+
+    /// How long before `wall` a file whose last change (ctime, or mtime if later) is
+    /// `changed_at` has been unchanged, as far as the clock can vouch for it: zero for a
+    /// change in the future, before the daemon started or before a clock step.
+    pub fn quiet_since(&self, changed_at: SystemTime, wall: SystemTime) -> Duration {
+        if changed_at < self.trusted_from {
+            return Duration::ZERO;
+        }
+        wall.duration_since(changed_at).unwrap_or(Duration::ZERO)
     }
 }
 
@@ -412,6 +466,74 @@ mod tests {
         assert_eq!(c.due(settle), look + settle);
         assert!(!c.observe(stamp(10, 2), look + Duration::from_secs(1), settle));
         assert!(c.observe(stamp(10, 2), look + settle, settle));
+    }
+
+    #[test]
+    fn a_change_time_counts_only_since_the_start_and_never_from_the_future() {
+        let (mono, wall) = (Instant::now(), SystemTime::now());
+        let clock = WallClock::new(mono, wall);
+        let later = wall + Duration::from_secs(5);
+        assert_eq!(
+            clock.quiet_since(wall + Duration::from_secs(1), later),
+            Duration::from_secs(4)
+        );
+        assert_eq!(
+            clock.quiet_since(wall - Duration::from_secs(1), later),
+            Duration::ZERO,
+            "changed before the daemon watched the clock"
+        );
+        assert_eq!(
+            clock.quiet_since(later + Duration::from_secs(1), later),
+            Duration::ZERO,
+            "a change time in the future"
+        );
+    }
+
+    #[test]
+    fn a_clock_step_either_way_voids_the_change_times_before_it() {
+        let (mono, wall) = (Instant::now(), SystemTime::now());
+        let written = wall + Duration::from_secs(1);
+        for step in [Duration::from_secs(3600), Duration::from_millis(200)] {
+            let mut forward = WallClock::new(mono, wall);
+            let (mono2, wall2) = (
+                mono + Duration::from_secs(2),
+                wall + Duration::from_secs(2) + step,
+            );
+            forward.sample(mono2, wall2);
+            assert_eq!(
+                forward.quiet_since(written, wall2),
+                Duration::ZERO,
+                "{step:?} forward"
+            );
+            assert_eq!(
+                forward.quiet_since(wall2, wall2 + Duration::from_secs(3)),
+                Duration::from_secs(3),
+                "changes after the step count again"
+            );
+            let mut back = WallClock::new(mono, wall);
+            let wall3 = wall + Duration::from_secs(2) - step;
+            back.sample(mono2, wall3);
+            assert_eq!(
+                back.quiet_since(written - step, wall3 + Duration::from_secs(5)),
+                Duration::ZERO,
+                "{step:?} back"
+            );
+        }
+    }
+
+    #[test]
+    fn a_slewing_clock_is_no_step() {
+        let (mono, wall) = (Instant::now(), SystemTime::now());
+        let mut clock = WallClock::new(mono, wall);
+        let written = wall + Duration::from_secs(1);
+        // An hour later, 0.04% fast (NTP slews at most 0.05%).
+        let hour = Duration::from_secs(3600);
+        let now = wall + hour + hour / 2500;
+        clock.sample(mono + hour, now);
+        assert_eq!(
+            clock.quiet_since(written, now),
+            now.duration_since(written).unwrap()
+        );
     }
 
     #[test]

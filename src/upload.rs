@@ -8,6 +8,7 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::time::SystemTime;
 
 use futures_util::StreamExt;
 use md5::{Digest, Md5};
@@ -69,13 +70,19 @@ impl Outbox {
     /// The stamp of the file at `path` as the upload sees it: links are followed only
     /// with `follow_symlinks`, and only to regular files.
     pub(crate) fn stamp_of(&self, path: &Path) -> Option<FileStamp> {
+        self.look_at(path).map(|(stamp, _)| stamp)
+    }
+
+    /// The stamp of the file at `path` (see [`Self::stamp_of`]) and when it last changed.
+    pub(crate) fn look_at(&self, path: &Path) -> Option<(FileStamp, SystemTime)> {
         let meta = std::fs::symlink_metadata(path).ok()?;
         let meta = if meta.file_type().is_symlink() && self.config.follow_symlinks {
             std::fs::metadata(path).ok()?
         } else {
             meta
         };
-        meta.is_file().then(|| localfs::stamp_of(&meta))
+        meta.is_file()
+            .then(|| (localfs::stamp_of(&meta), localfs::changed_at(&meta)))
     }
 
     /// Uploads one settled file and applies `after_upload`.

@@ -12,7 +12,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -209,6 +209,67 @@ fn written_renamed_in_and_temp_named_files_go_only_once_complete() {
     }
     assert_eq!(files_under(&ex.outbox), [".hidden"]);
     ex.assert_no_forbidden_calls();
+}
+
+/// A finished folder moved in: its files have been unchanged for longer than `settle`
+/// already (their ctime says so, and a rename of the folder does not touch them), so they
+/// go at once; a file written in place a moment ago waits its settle time as ever.
+#[test]
+fn files_unchanged_for_the_settle_time_before_they_were_found_go_at_once() {
+    let settle = Duration::from_secs(2);
+    let mut ex = Exchange::with(Settings {
+        settle: "2s".into(),
+        ..watcher_only()
+    });
+    let staging = ex.root.join("staging");
+    fs::create_dir_all(&staging).expect("create staging folder");
+    ex.start();
+    wait_until_watching(&ex);
+
+    // Written after the daemon started (changes from before it are not vouched for).
+    let names = ["a.txt", "b.txt", "c.txt"];
+    for name in names {
+        write_file(&staging.join(name), name.as_bytes());
+    }
+    let changed = |name: &str| {
+        let meta = fs::metadata(staging.join(name)).expect("stat a staged file");
+        std::time::UNIX_EPOCH + Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32)
+    };
+    spin_until(
+        &ex,
+        "the staged files to be older than settle",
+        common::TIMEOUT,
+        || {
+            names.iter().all(|name| {
+                std::time::SystemTime::now()
+                    .duration_since(changed(name))
+                    .is_ok_and(|age| age > settle + Duration::from_millis(100))
+            })
+        },
+    );
+    write_file(&ex.outbox.join("fresh.txt"), b"just written\n");
+    fs::rename(&staging, ex.outbox.join("batch")).expect("mv the folder into the outbox");
+
+    ex.wait_for("the batch and fresh.txt in sent/", || {
+        moved_to_sent(&ex, "fresh.txt")
+            && names
+                .iter()
+                .all(|name| moved_to_sent(&ex, &format!("batch/{name}")))
+    });
+    for name in names {
+        let found = stderr_lines_with(&ex, &["settled already", &format!("batch/{name}")]);
+        assert_eq!(
+            found.len(),
+            1,
+            "batch/{name} was unchanged for longer than settle when found: it must go at once\n{}",
+            ex.daemon().stderr()
+        );
+    }
+    let fresh = stderr_lines_with(&ex, &["settled already", "fresh.txt"]);
+    assert!(
+        fresh.is_empty(),
+        "fresh.txt was written a moment before it was found: it must wait its settle time: {fresh:#?}"
+    );
 }
 
 /// A large file appended to while its multipart upload runs: that upload is aborted, never
