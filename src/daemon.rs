@@ -357,6 +357,7 @@ impl Workers {
                 ledger: Arc::clone(ledger),
                 parts_denied: Default::default(),
                 part_slots: Semaphore::new(crate::upload::PARTS_IN_FLIGHT_TOTAL),
+                folder_syncs: crate::group_commit::FolderSyncs::default(),
             }),
             inbox: Arc::new(Inbox {
                 config: config.inbox.clone(),

@@ -8,10 +8,10 @@
 //! every write here is flushed explicitly, and an idle daemon must not touch the disk.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+use crate::group_commit::GroupCommit;
 use crate::keys::{ChangeToken, ETag, ObjectKey};
 use crate::plan::{Delivered, FileStamp};
 
@@ -114,13 +114,9 @@ pub struct Ledger {
     received: sled::Tree,
     rejected: sled::Tree,
     uploads: sled::Tree,
-    /// Records inserted so far, and how many of them a finished flush covers. Flushes
-    /// run one at a time (concurrent `flush_async` calls hang sled 0.34: seen with eight
-    /// downloads recording at once), and one flush makes every record inserted before
-    /// it durable, so waiters already covered skip theirs: a group commit.
-    inserted: AtomicU64,
-    durable: AtomicU64,
-    flushing: tokio::sync::Mutex<()>,
+    /// Every insert registers here and its caller waits for a flush that began after
+    /// it: one flush makes all records inserted before it durable.
+    flushes: GroupCommit,
     /// The first failure to write (disk full, IO error), after which sled refuses every
     /// write until the ledger is reopened: the daemon must stop, see [`Ledger::broken`].
     broken: std::sync::OnceLock<String>,
@@ -191,9 +187,7 @@ impl Ledger {
             received,
             rejected: db.open_tree("rejected").map_err(io)?,
             uploads: db.open_tree("uploads").map_err(io)?,
-            inserted: AtomicU64::new(0),
-            durable: AtomicU64::new(0),
-            flushing: tokio::sync::Mutex::new(()),
+            flushes: GroupCommit::default(),
             broken: std::sync::OnceLock::new(),
             broken_signal: tokio::sync::Notify::new(),
             db,
@@ -248,7 +242,7 @@ impl Ledger {
         self.uploads
             .remove(key.as_str())
             .map_err(|s| self.write_failed(s))?;
-        let seq = self.inserted.fetch_add(1, Ordering::SeqCst) + 1;
+        let seq = self.flushes.register();
         self.flush_through(seq).await
     }
 
@@ -301,25 +295,22 @@ impl Ledger {
 
     /// Writes everything to disk; called on shutdown.
     pub async fn flush(&self) -> Result<(), Error> {
-        self.flush_through(self.inserted.load(Ordering::SeqCst))
-            .await
+        self.flush_through(self.flushes.latest()).await
     }
 
-    /// Makes the first `seq` inserted records durable, flushing only if no flush that
+    /// Makes the records inserted up to `seq` durable, flushing only if no flush that
     /// started after them has finished yet.
     async fn flush_through(&self, seq: u64) -> Result<(), Error> {
-        let _turn = self.flushing.lock().await;
-        if self.durable.load(Ordering::SeqCst) >= seq {
-            return Ok(());
-        }
-        let covers = self.inserted.load(Ordering::SeqCst);
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        self.flushes
+            .sync_through(seq, || async {
+                let db = self.db.clone();
+                tokio::task::spawn_blocking(move || db.flush())
+                    .await
+                    .map_err(|e| self.io(sled::Error::Io(std::io::Error::other(e))))?
+                    .map(drop)
+                    .map_err(|source| self.write_failed(source))
+            })
             .await
-            .map_err(|e| self.io(sled::Error::Io(std::io::Error::other(e))))?
-            .map_err(|source| self.write_failed(source))?;
-        self.durable.fetch_max(covers, Ordering::SeqCst);
-        Ok(())
     }
 
     fn get<T: DeserializeOwned>(
@@ -366,7 +357,7 @@ impl Ledger {
                 })
                 .map_err(|s| self.write_failed(s))?;
         }
-        let seq = self.inserted.fetch_add(1, Ordering::SeqCst) + 1;
+        let seq = self.flushes.register();
         self.flush_through(seq).await
     }
 
@@ -512,7 +503,7 @@ mod tests {
         })
         .await;
         assert!(all.is_ok(), "concurrent records must not hang the ledger");
-        assert!(ledger.durable.load(Ordering::SeqCst) >= 200);
+        assert!(ledger.flushes.covered() >= 200);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod group_commit;
 pub mod inbox;
 pub mod init;
 pub mod keys;

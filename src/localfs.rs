@@ -298,9 +298,17 @@ fn open_or_create_dir(parent: &impl AsFd, name: &str) -> rustix::io::Result<Owne
     rustix::fs::openat(parent, name, dir_flags(), Mode::empty())
 }
 
+/// Makes the entries of the folder `dir` durable (renames into it, files created in it).
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    let dir = rustix::fs::open(dir, dir_flags(), Mode::empty())?;
+    Ok(rustix::fs::fsync(&dir)?)
+}
+
 /// Moves a sent file to `dest`, creating its folders; never overwrites: a name already
 /// taken gets a `.<tag>` (then `.<tag>-N`) beside it. Falls back to copy + remove across
-/// file systems. Returns where the file went.
+/// file systems (the copy is durable before the source goes). Returns where the file
+/// went; the caller makes a rename durable with an fsync of its folder, shared with other
+/// moves into it ([`crate::group_commit::FolderSyncs`]).
 pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<PathBuf> {
     let parent = dest.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(parent)?;
@@ -325,10 +333,7 @@ pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<PathBuf> {
             candidate.as_str(),
             RenameFlags::NOREPLACE,
         ) {
-            Ok(()) => {
-                rustix::fs::fsync(&dir)?;
-                return Ok(target);
-            }
+            Ok(()) => return Ok(target),
             Err(rustix::io::Errno::EXIST) => n += 1,
             Err(rustix::io::Errno::XDEV) => {
                 // Another file system: copy to a hidden temp name, then rename it in, so

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, AfterUpload};
+use crate::group_commit::FolderSyncs;
 use crate::keys::ObjectKey;
 use crate::ledger::Ledger;
 use crate::plan::{self, Candidate, FileStamp};
@@ -44,6 +45,9 @@ pub struct Outbox {
     /// [`crate::upload::PARTS_IN_FLIGHT_TOTAL`] slots, one taken by each part while it
     /// is hashed and sent.
     pub part_slots: Semaphore,
+    /// The fsyncs that make moves into the sent folder durable, shared by files moved
+    /// into the same folder at once.
+    pub folder_syncs: FolderSyncs,
 }
 
 /// Counts for `sync` and the shutdown log line.

@@ -385,10 +385,17 @@ impl Outbox {
                 let dest = self.config.sent_dir.join(rel);
                 let src = path.to_owned();
                 let tag = plan::time_tag(std::time::SystemTime::now());
-                tokio::task::spawn_blocking(move || localfs::move_aside(&src, &dest, &tag))
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                    .map(Some)
+                let moved =
+                    tokio::task::spawn_blocking(move || localfs::move_aside(&src, &dest, &tag))
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                match moved {
+                    Ok(dest) => {
+                        let folder = dest.parent().unwrap_or(&self.config.sent_dir);
+                        self.folder_syncs.sync(folder).await.map(|()| Some(dest))
+                    }
+                    Err(err) => Err(err),
+                }
             }
         };
         match result {
