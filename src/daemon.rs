@@ -367,6 +367,7 @@ impl Workers {
                 root,
                 poll_now: Default::default(),
                 range_slots: Semaphore::new(crate::inbox::RANGES_IN_FLIGHT_TOTAL),
+                folder_syncs: crate::group_commit::FolderSyncs::default(),
             }),
         })
     }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -57,36 +57,41 @@ impl GroupCommit {
 }
 
 /// A group commit per folder for the fsync that makes renames into it durable: 1,000
-/// files moved into `sent/batch/` at once cost a few dozen fsyncs of that folder, not
-/// 1,000 (each one a journal commit).
+/// files moved into `sent/batch/` (or landing in one inbox folder) at once cost a few
+/// hundred fsyncs of that folder, not 1,000 (each one a journal commit).
+///
+/// Folders are told apart by identity (device and inode of the open handle the rename
+/// went through), not by path: a folder renamed meanwhile is still the one synced, and
+/// the inbox is never reached by a path that could pass through a planted symlink.
 #[derive(Debug, Default)]
 pub struct FolderSyncs {
     /// Only folders with a sync asked for or running: an entry goes with its last waiter.
-    folders: Mutex<HashMap<PathBuf, Arc<GroupCommit>>>,
+    folders: Mutex<HashMap<(u64, u64), Arc<GroupCommit>>>,
 }
 
 impl FolderSyncs {
-    /// Makes every rename into `dir` that completed before this call durable.
-    pub async fn sync(&self, dir: &Path) -> std::io::Result<()> {
+    /// Makes every rename into the folder `dir` (an open handle on it) that completed
+    /// before this call durable.
+    pub async fn sync(&self, dir: OwnedFd) -> std::io::Result<()> {
+        let st = rustix::fs::fstat(&dir)?;
+        let id = (st.st_dev, st.st_ino);
         let commit = {
             let mut folders = self.folders.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(folders.entry(dir.to_owned()).or_default())
+            Arc::clone(folders.entry(id).or_default())
         };
         let ticket = commit.register();
         let result = commit
-            .sync_through(ticket, || {
-                let dir = dir.to_owned();
-                async move {
-                    tokio::task::spawn_blocking(move || crate::localfs::fsync_dir(&dir))
-                        .await
-                        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                }
+            .sync_through(ticket, || async move {
+                tokio::task::spawn_blocking(move || rustix::fs::fsync(&dir))
+                    .await
+                    .map_err(std::io::Error::other)?
+                    .map_err(std::io::Error::from)
             })
             .await;
         let mut folders = self.folders.lock().unwrap_or_else(|e| e.into_inner());
         // The map's reference and this one: nobody else waits on this folder.
         if Arc::strong_count(&commit) == 2 {
-            folders.remove(dir);
+            folders.remove(&id);
         }
         result
     }
@@ -144,14 +149,18 @@ mod tests {
     #[tokio::test]
     async fn folder_syncs_leave_no_entry_behind() {
         let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            rustix::fs::open(
+                dir.path(),
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap()
+        };
         let syncs = FolderSyncs::default();
-        syncs.sync(dir.path()).await.unwrap();
-        assert!(syncs.folders.lock().unwrap().is_empty());
-        let gone = dir.path().join("gone");
-        assert!(
-            syncs.sync(&gone).await.is_err(),
-            "a missing folder is an error"
-        );
+        let (a, b) = tokio::join!(syncs.sync(open()), syncs.sync(open()));
+        a.unwrap();
+        b.unwrap();
         assert!(syncs.folders.lock().unwrap().is_empty());
     }
 }

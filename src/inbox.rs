@@ -12,6 +12,7 @@
 //! offset into the same temp file.
 
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
+use crate::group_commit::FolderSyncs;
 use crate::keys::{ETag, ObjectKey, RelPath};
 use crate::ledger::{self, Ledger, Received, Rejected};
 use crate::localfs::{self, InboxRoot};
@@ -60,6 +62,9 @@ pub struct Inbox {
     pub poll_now: tokio::sync::Notify,
     /// [`RANGES_IN_FLIGHT_TOTAL`] slots, one taken by each ranged GET while it runs.
     pub range_slots: Semaphore,
+    /// The fsyncs that make landings durable, shared by deliveries landing in the same
+    /// folder at once.
+    pub folder_syncs: FolderSyncs,
 }
 
 /// Counts of one poll (or, summed, of a run).
@@ -325,6 +330,15 @@ impl Inbox {
         let landed = tokio::task::block_in_place(|| {
             land(&self.root, &rel, &temp, md5.as_ref(), size, record.as_ref())
         });
+        // The rename is durable before the ledger says the key was received: a crash
+        // must never leave a record of a file that is not there.
+        let landed = match landed {
+            Ok((rel, stamp, folder)) => match self.folder_syncs.sync(folder).await {
+                Ok(()) => Ok((rel, stamp)),
+                Err(err) => Err(LandError::Io(err)),
+            },
+            Err(err) => Err(err),
+        };
         let (landed_rel, stamp) = match landed {
             Ok(done) => done,
             Err(LandError::Blocked(reason)) => {
@@ -745,7 +759,7 @@ fn land(
     md5: Option<&[u8; 16]>,
     size: u64,
     record: Option<&Received>,
-) -> Result<(String, plan::FileStamp), LandError> {
+) -> Result<(String, plan::FileStamp, OwnedFd), LandError> {
     let dir = root.open_parent(rel).map_err(|e| match e.kind() {
         // A file or a symlink where a folder must be: this key can never land.
         std::io::ErrorKind::NotADirectory => LandError::Blocked(e.to_string()),
@@ -763,7 +777,7 @@ fn land(
     match plan::landing(existing, record.map(|r| &r.delivered), &rel_str) {
         Landing::Path => {
             let stamp = root.land(temp, &dir, name, true)?;
-            Ok((rel_str, stamp))
+            Ok((rel_str, stamp, dir))
         }
         Landing::Beside => {
             let tag = plan::time_tag(std::time::SystemTime::now());
@@ -780,7 +794,7 @@ fn land(
                         let parent = rel_str
                             .rsplit_once('/')
                             .map_or(String::new(), |(p, _)| format!("{p}/"));
-                        return Ok((format!("{parent}{beside}"), stamp));
+                        return Ok((format!("{parent}{beside}"), stamp, dir));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                     Err(e) => return Err(e.into()),

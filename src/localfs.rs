@@ -234,8 +234,9 @@ impl InboxRoot {
     }
 
     /// Atomically renames the temp file to `name` in `dir` (replacing what is there
-    /// when `replace`, else failing if the name is taken), then makes the rename
-    /// durable. Returns the stamp of the landed file.
+    /// when `replace`, else failing if the name is taken). Returns the stamp of the
+    /// landed file; the caller makes the rename durable with an fsync of `dir` (shared
+    /// with other landings in it: [`crate::group_commit::FolderSyncs`]).
     pub fn land(
         &self,
         temp_name: &str,
@@ -249,7 +250,6 @@ impl InboxRoot {
             RenameFlags::NOREPLACE
         };
         rustix::fs::renameat_with(&self.temp, temp_name, dir, name, flags)?;
-        rustix::fs::fsync(dir)?;
         let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
         Ok(stamp_of_stat(&st))
     }
@@ -298,18 +298,12 @@ fn open_or_create_dir(parent: &impl AsFd, name: &str) -> rustix::io::Result<Owne
     rustix::fs::openat(parent, name, dir_flags(), Mode::empty())
 }
 
-/// Makes the entries of the folder `dir` durable (renames into it, files created in it).
-pub fn fsync_dir(dir: &Path) -> io::Result<()> {
-    let dir = rustix::fs::open(dir, dir_flags(), Mode::empty())?;
-    Ok(rustix::fs::fsync(&dir)?)
-}
-
 /// Moves a sent file to `dest`, creating its folders; never overwrites: a name already
 /// taken gets a `.<tag>` (then `.<tag>-N`) beside it. Falls back to copy + remove across
 /// file systems (the copy is durable before the source goes). Returns where the file
-/// went; the caller makes a rename durable with an fsync of its folder, shared with other
-/// moves into it ([`crate::group_commit::FolderSyncs`]).
-pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<PathBuf> {
+/// went and its folder, open: the caller makes the rename durable with an fsync of it,
+/// shared with other moves into it ([`crate::group_commit::FolderSyncs`]).
+pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<(PathBuf, OwnedFd)> {
     let parent = dest.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(parent)?;
     let name = dest
@@ -333,7 +327,7 @@ pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<PathBuf> {
             candidate.as_str(),
             RenameFlags::NOREPLACE,
         ) {
-            Ok(()) => return Ok(target),
+            Ok(()) => return Ok((target, dir)),
             Err(rustix::io::Errno::EXIST) => n += 1,
             Err(rustix::io::Errno::XDEV) => {
                 // Another file system: copy to a hidden temp name, then rename it in, so
@@ -353,7 +347,7 @@ pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<PathBuf> {
                     Ok(()) => {
                         rustix::fs::fsync(&dir)?;
                         std::fs::remove_file(src)?;
-                        return Ok(target);
+                        return Ok((target, dir));
                     }
                     Err(rustix::io::Errno::EXIST) => {
                         let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
@@ -472,7 +466,7 @@ mod tests {
         std::fs::write(&sent, b"old").expect("write");
         let src = tmp.path().join("r.csv");
         std::fs::write(&src, b"new").expect("write");
-        let went = move_aside(&src, &sent, "T").expect("move");
+        let (went, _folder) = move_aside(&src, &sent, "T").expect("move");
         assert_eq!(went, tmp.path().join("sent/sub/r.T.csv"));
         assert_eq!(std::fs::read(&sent).expect("read"), b"old");
         assert_eq!(std::fs::read(&went).expect("read"), b"new");

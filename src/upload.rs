@@ -390,10 +390,7 @@ impl Outbox {
                         .await
                         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
                 match moved {
-                    Ok(dest) => {
-                        let folder = dest.parent().unwrap_or(&self.config.sent_dir);
-                        self.folder_syncs.sync(folder).await.map(|()| Some(dest))
-                    }
+                    Ok((dest, folder)) => self.folder_syncs.sync(folder).await.map(|()| Some(dest)),
                     Err(err) => Err(err),
                 }
             }
