@@ -97,17 +97,14 @@ impl Outbox {
             }
         };
         let transfer = Transfer::start(Direction::Upload, &key, path);
-        match self.stamp_of(path) {
-            None => return Outcome::Vanished,
-            Some(now) if now != stamp => {
-                return Outcome::Again("it changed before the upload".into());
-            }
-            Some(_) => {}
-        }
+        // `stamp` was taken by the worker just before this task started; no second look
+        // before the upload, because the one after it decides: the upload counts only if
+        // the file is still exactly what the worker saw settle.
         let result = self.upload(&key, path, rel, stamp).await;
+        let after = self.stamp_of(path);
         // A failure may come from the file, not from S3: a body read through a file
         // that vanished or changed surfaces inside the SDK as a dispatch error.
-        let result = match (result, self.stamp_of(path)) {
+        let result = match (result, after) {
             (Err(_), None) => {
                 transfer.failed("vanished", &"the file vanished during the upload");
                 return Outcome::Vanished;
@@ -147,7 +144,7 @@ impl Outbox {
             }
         };
         // The upload counts only if the file is still what was read.
-        if self.stamp_of(path) != Some(stamp) {
+        if after != Some(stamp) {
             transfer.failed("changed", &"the file changed during the upload");
             return Outcome::Again("it changed during the upload".into());
         }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::{Notify, mpsc};
 
@@ -98,13 +98,20 @@ pub fn watch(dir: &Path) -> Result<(Watcher, Hints, Arc<Rescan>), notify::Error>
 }
 
 /// Creation, writes finished, renames in: what can make a file ready to send.
+///
+/// Not a rename's "from" side: that path no longer holds the file, and every file the
+/// daemon moves into the sent folder raises one, so hinting it would cost a wake-up and
+/// a stat per upload for nothing (a pending file that is renamed away is dropped when
+/// the worker next stats it).
 fn is_interesting(kind: &EventKind) -> bool {
     matches!(
         kind,
         EventKind::Create(_)
             | EventKind::Modify(
                 ModifyKind::Data(_)
-                    | ModifyKind::Name(_)
+                    | ModifyKind::Name(
+                        RenameMode::To | RenameMode::Both | RenameMode::Any | RenameMode::Other
+                    )
                     | ModifyKind::Any
                     | ModifyKind::Metadata(_)
             )
