@@ -1,4 +1,4 @@
-//! Group commit: one sync (a ledger flush, a folder fsync) made durable for every change
+//! Group commit: one sync (a folder fsync) made durable for every change
 //! registered before it started, so a hundred changes at once cost a few syncs instead of
 //! a hundred, and nobody waits for a sync that began before their change.
 

@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::group_commit::GroupCommit;
+mod writer;
+
 use crate::keys::{ChangeToken, ETag, ObjectKey};
 use crate::plan::{Delivered, FileStamp};
+use writer::{Change, Writer};
 
 /// The layout version written into new ledgers; a newer one is refused, never rewritten.
 const SCHEMA: u32 = 1;
@@ -114,9 +116,8 @@ pub struct Ledger {
     received: sled::Tree,
     rejected: sled::Tree,
     uploads: sled::Tree,
-    /// Every insert registers here and its caller waits for a flush that began after
-    /// it: one flush makes all records inserted before it durable.
-    flushes: GroupCommit,
+    /// The one thread that writes and flushes, answering each change once it is durable.
+    writer: Writer,
     /// The first failure to write (disk full, IO error), after which sled refuses every
     /// write until the ledger is reopened: the daemon must stop, see [`Ledger::broken`].
     broken: std::sync::OnceLock<String>,
@@ -187,7 +188,7 @@ impl Ledger {
             received,
             rejected: db.open_tree("rejected").map_err(io)?,
             uploads: db.open_tree("uploads").map_err(io)?,
-            flushes: GroupCommit::default(),
+            writer: Writer::start(db.clone()).map_err(|e| io(sled::Error::Io(e)))?,
             broken: std::sync::OnceLock::new(),
             broken_signal: tokio::sync::Notify::new(),
             db,
@@ -239,11 +240,11 @@ impl Ledger {
     }
 
     pub async fn forget_upload(&self, key: &ObjectKey) -> Result<(), Error> {
-        self.uploads
-            .remove(key.as_str())
-            .map_err(|s| self.write_failed(s))?;
-        let seq = self.flushes.register();
-        self.flush_through(seq).await
+        self.write(Change::Remove {
+            tree: self.uploads.clone(),
+            key: key.as_str().to_owned(),
+        })
+        .await
     }
 
     /// Every multipart upload in progress, for the start-up sweep.
@@ -295,22 +296,15 @@ impl Ledger {
 
     /// Writes everything to disk; called on shutdown.
     pub async fn flush(&self) -> Result<(), Error> {
-        self.flush_through(self.flushes.latest()).await
+        self.write(Change::Flush).await
     }
 
-    /// Makes the records inserted up to `seq` durable, flushing only if no flush that
-    /// started after them has finished yet.
-    async fn flush_through(&self, seq: u64) -> Result<(), Error> {
-        self.flushes
-            .sync_through(seq, || async {
-                let db = self.db.clone();
-                tokio::task::spawn_blocking(move || db.flush())
-                    .await
-                    .map_err(|e| self.io(sled::Error::Io(std::io::Error::other(e))))?
-                    .map(drop)
-                    .map_err(|source| self.write_failed(source))
-            })
+    /// Hands `change` to the writing thread and waits until it is durable.
+    async fn write(&self, change: Change) -> Result<(), Error> {
+        self.writer
+            .write(change)
             .await
+            .map_err(|source| self.write_failed(source))
     }
 
     fn get<T: DeserializeOwned>(
@@ -344,21 +338,13 @@ impl Ledger {
             key: key.to_string(),
             source,
         })?;
-        let previous = tree
-            .insert(key.as_str(), bytes)
-            .map_err(|s| self.write_failed(s))?;
-        if let (None, Some(name)) = (previous, count) {
-            self.db
-                .update_and_fetch(name, |n| {
-                    let n = n
-                        .and_then(|v| v.try_into().ok())
-                        .map_or(0, u64::from_be_bytes);
-                    Some((n + 1).to_be_bytes().to_vec())
-                })
-                .map_err(|s| self.write_failed(s))?;
-        }
-        let seq = self.flushes.register();
-        self.flush_through(seq).await
+        self.write(Change::Put {
+            tree: tree.clone(),
+            key: key.as_str().to_owned(),
+            bytes,
+            count,
+        })
+        .await
     }
 
     /// A failed write: remembered (the first one) and announced to [`Ledger::broken`].
@@ -503,7 +489,33 @@ mod tests {
         })
         .await;
         assert!(all.is_ok(), "concurrent records must not hang the ledger");
-        assert!(ledger.flushes.covered() >= 200);
+        // Durable means on disk while the ledger is still open: a copy of its files
+        // (what a crash would leave) holds every answered record.
+        let copy = tempfile::tempdir().expect("tempdir");
+        copy_dir(&dir.path().join("ledger"), &copy.path().join("ledger"));
+        let crashed = Ledger::open(copy.path()).expect("open the copy");
+        for i in 0..200 {
+            assert_eq!(
+                crashed
+                    .rejected(&key(&format!("Delivery/{i}")))
+                    .expect("get"),
+                Some(rejected.clone()),
+                "Delivery/{i}"
+            );
+        }
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for entry in std::fs::read_dir(from).expect("read_dir") {
+            let entry = entry.expect("entry");
+            let target = to.join(entry.file_name());
+            if entry.file_type().expect("type").is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).expect("copy");
+            }
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use s3_exchange::{check, init, limits, logging};
 const EXIT_NOT_RUNNING: u8 = 3;
 
 fn main() -> ExitCode {
+    s3_exchange::memory::limit_arenas();
     let cli = Cli::parse();
     let path = cli.config.clone().unwrap_or_else(Config::default_path);
     // `init` makes the configuration, so it cannot need one.

@@ -15,3 +15,19 @@ pub fn release_free() {
         libc::malloc_trim(0);
     }
 }
+
+/// glibc arenas allowed: two, one per core of the machines this runs on. glibc's default
+/// (eight per core) gives each of the blocking pool's threads (150 and more while 128
+/// downloads fsync at once) an arena of its own, and freed memory stays scattered over
+/// all of them. Measured on a delivery of 100,000 files of 1 byte (release build, Ceph
+/// RGW): peak RSS 147 -> 95 MiB, RSS after it 119 -> 89 MiB, CPU 57.4 -> 50.4 s.
+const ARENAS: i32 = 2;
+
+/// Caps the allocator's arenas; call first in `main`, before any thread starts.
+pub fn limit_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a glibc tunable; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, ARENAS);
+    }
+}

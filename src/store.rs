@@ -23,7 +23,8 @@ use aws_sdk_s3::config::{
     RuntimeComponents, SharedCredentialsProvider,
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::{ByteStream, Length};
+pub use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::primitives::Length;
 use aws_sdk_s3::types::{
     ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart, EncodingType,
     ObjectCannedAcl,
