@@ -559,16 +559,17 @@ impl Inbox {
             name: Some(name),
         };
         let root_path = self.root.path().display().to_string();
-        let (written, broke_off) = match download.content_length {
+        let ended = match download.content_length {
             Some(length) if length <= SMALL_BODY => {
                 gather_then_write(file, &mut download.body, length).await
             }
             _ => stream_to(file, &mut download.body).await,
         };
-        if let Some(reason) = broke_off {
-            return Err(reason);
-        }
-        let (md5, size) = written.map_err(|e| format!("cannot write into {root_path}: {e}"))?;
+        let (md5, size) = match ended {
+            BodyEnd::Written { md5, size } => (md5, size),
+            BodyEnd::BrokeOff(reason) => return Err(reason),
+            BodyEnd::Disk(e) => return Err(format!("cannot write into {root_path}: {e}")),
+        };
         if let Some(expected) = download.content_length
             && expected != size
         {
@@ -700,16 +701,36 @@ const WRITE_QUEUE: usize = 8;
 /// same as the 256 KiB write buffers of as many streaming writers.
 const SMALL_BODY: u64 = 256 << 10;
 
-/// What writing a body produced: its MD5 and size (or why the disk refused), and why the
-/// body broke off, if it did.
-type BodyWritten = (std::io::Result<([u8; 16], u64)>, Option<String>);
+/// How writing a body into its temp file ended.
+enum BodyEnd {
+    /// Written whole and fsynced.
+    Written { md5: [u8; 16], size: u64 },
+    /// The body broke off (or was longer than announced): why.
+    BrokeOff(String),
+    /// The disk (or the writer thread) failed.
+    Disk(std::io::Error),
+}
+
+impl BodyEnd {
+    fn from_writer(
+        written: Result<std::io::Result<([u8; 16], u64)>, tokio::task::JoinError>,
+    ) -> Self {
+        match written {
+            Ok(Ok((md5, size))) => Self::Written { md5, size },
+            Ok(Err(e)) => Self::Disk(e),
+            Err(e) => Self::Disk(std::io::Error::other(format!(
+                "the writer of the download failed: {e}"
+            ))),
+        }
+    }
+}
 
 /// A body of known small size is gathered in memory first and then written, hashed and
 /// fsynced in one blocking call: the download holds a blocking thread only for its disk
 /// work, not while it waits for the network. With 128 deliveries of a few KiB at once,
 /// a writer thread each while waiting made 150 to 190 threads and a 256 KiB buffer each
 /// (the daemon grew to 170 MiB over 100,000 of them).
-async fn gather_then_write(file: std::fs::File, body: &mut ByteStream, length: u64) -> BodyWritten {
+async fn gather_then_write(file: std::fs::File, body: &mut ByteStream, length: u64) -> BodyEnd {
     let mut chunks = Vec::with_capacity(1);
     let mut gathered = 0u64;
     while let Some(chunk) = body.next().await {
@@ -717,26 +738,19 @@ async fn gather_then_write(file: std::fs::File, body: &mut ByteStream, length: u
             Ok(chunk) => {
                 gathered += chunk.len() as u64;
                 if gathered > length {
-                    // More than announced (a broken server: the HTTP client holds to
-                    // Content-Length): the caller's length check reports it.
-                    return (Ok(([0; 16], gathered)), None);
+                    // A broken server: the HTTP client holds to Content-Length.
+                    return BodyEnd::BrokeOff(format!(
+                        "got more than the {length} bytes announced"
+                    ));
                 }
                 chunks.push(chunk);
             }
             Err(e) => {
-                let reason = format!("the download broke off: {}", error_chain(&e));
-                return (Ok(([0; 16], 0)), Some(reason));
+                return BodyEnd::BrokeOff(format!("the download broke off: {}", error_chain(&e)));
             }
         }
     }
-    let written = tokio::task::spawn_blocking(move || write_chunks(file, &chunks))
-        .await
-        .unwrap_or_else(|e| {
-            Err(std::io::Error::other(format!(
-                "the writer of the download failed: {e}"
-            )))
-        });
-    (written, None)
+    BodyEnd::from_writer(tokio::task::spawn_blocking(move || write_chunks(file, &chunks)).await)
 }
 
 /// Streams a body of unknown or large size: read here, written, hashed and fsynced on a
@@ -744,7 +758,7 @@ async fn gather_then_write(file: std::fs::File, body: &mut ByteStream, length: u
 /// runtime's workers never block (a `block_in_place` per chunk cost a thread hand-off
 /// per chunk: 35 s for 1 GiB). Only an explicit `End` makes the writer fsync: a body
 /// that broke off (or a task dropped mid-way) is not worth syncing.
-async fn stream_to(file: std::fs::File, body: &mut ByteStream) -> BodyWritten {
+async fn stream_to(file: std::fs::File, body: &mut ByteStream) -> BodyEnd {
     let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(WRITE_QUEUE);
     let writer = tokio::task::spawn_blocking(move || write_and_hash(file, rx));
     let mut broke_off = None;
@@ -766,12 +780,9 @@ async fn stream_to(file: std::fs::File, body: &mut ByteStream) -> BodyWritten {
         let _ = tx.send(Piece::End).await;
     }
     drop(tx);
-    let written = writer.await.unwrap_or_else(|e| {
-        Err(std::io::Error::other(format!(
-            "the writer of the download failed: {e}"
-        )))
-    });
-    (written, broke_off)
+    let written = BodyEnd::from_writer(writer.await);
+    // A body that broke off is the reason, whatever its writer made of the rest.
+    broke_off.map_or(written, BodyEnd::BrokeOff)
 }
 
 /// Writes gathered chunks, hashing them, and fsyncs.
