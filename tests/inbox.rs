@@ -679,26 +679,32 @@ fn a_damaged_download_is_discarded_and_fetched_again() {
     let Some(mut bed) = Bed::on_moto(test, Settings::default()) else {
         return;
     };
-    // One object checked through its MD5 ETag only, one that also carries a CRC32.
+    // One object checked through its MD5 ETag only, one that also carries a CRC32, and
+    // a small one (gathered in memory before it is written) checked by its MD5.
     let md5_key = bed.key("data.bin");
     let crc_key = bed.key("crc.bin");
+    let small_key = bed.key("small.bin");
     let md5_bytes = random_bytes(MIB + 123, 61);
     let crc_bytes = random_bytes(MIB / 2 + 7, 62);
+    let small_bytes = random_bytes(4096 + 5, 63);
     bed.owner.put(&md5_key, &md5_bytes);
     bed.owner.put_with_crc32(&crc_key, &crc_bytes);
+    bed.owner.put(&small_key, &small_bytes);
     let damaged = [
         bed.proxy.corrupt_gets(&bed.bucket, &md5_key, 1),
         bed.proxy.corrupt_gets(&bed.bucket, &crc_key, 1),
+        bed.proxy.corrupt_gets(&bed.bucket, &small_key, 1),
     ];
 
     bed.start();
     let files = [
         (bed.inbox.join("data.bin"), &md5_bytes),
         (bed.inbox.join("crc.bin"), &crc_bytes),
+        (bed.inbox.join("small.bin"), &small_bytes),
     ];
     // Never, at any moment we look, may a damaged copy stand in the inbox.
     let mut damaged_seen = Vec::new();
-    bed.wait_for("both objects in the inbox, intact", || {
+    bed.wait_for("all three objects in the inbox, intact", || {
         let mut all = true;
         for (path, bytes) in &files {
             match read_file(path) {
@@ -720,7 +726,7 @@ fn a_damaged_download_is_discarded_and_fetched_again() {
     bed.stop();
 
     let summary = bed.proxy.summary();
-    for (key, damaged) in [&md5_key, &crc_key].into_iter().zip(&damaged) {
+    for (key, damaged) in [&md5_key, &crc_key, &small_key].into_iter().zip(&damaged) {
         assert_eq!(damaged.count(), 1, "{key}: damaged bodies");
         let gets = bed.gets_of(key);
         assert_eq!(
@@ -738,7 +744,7 @@ fn a_damaged_download_is_discarded_and_fetched_again() {
         let error = field(&failures[0], "error")
             .unwrap_or_default()
             .to_lowercase();
-        if key == &md5_key {
+        if key != &crc_key {
             assert!(
                 error.contains("md5"),
                 "{key}: the failure does not say the content did not match its MD5: {error}"
@@ -755,7 +761,7 @@ fn a_damaged_download_is_discarded_and_fetched_again() {
             );
         }
     }
-    bed.assert_inbox_holds(&["crc.bin", "data.bin"]);
+    bed.assert_inbox_holds(&["crc.bin", "data.bin", "small.bin"]);
     bed.assert_nothing_outside();
 }
 
