@@ -24,16 +24,6 @@ impl GroupCommit {
         self.registered.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// The ticket of the latest change registered.
-    pub fn latest(&self) -> u64 {
-        self.registered.load(Ordering::SeqCst)
-    }
-
-    /// How many changes a finished sync covers.
-    pub fn covered(&self) -> u64 {
-        self.covered.load(Ordering::SeqCst)
-    }
-
     /// Resolves once a sync that started after the change with `ticket` succeeded:
     /// runs `sync` unless one already did. A failed sync covers nothing: the next
     /// waiter tries its own.
