@@ -7,6 +7,52 @@ use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The longest a sync in a burst waits for more changes to join it.
+const COMMIT_WINDOW: Duration = Duration::from_millis(20);
+
+/// A sync in a burst stops waiting once no change came for this long: the last changes
+/// of a burst are not held for the whole window.
+const QUIET: Duration = Duration::from_millis(2);
+
+/// A sync that follows the previous one by less than this is part of a burst.
+const BURST_GAP: Duration = Duration::from_millis(50);
+
+/// The commit delay of group commit (PostgreSQL's `commit_delay`): when syncs follow one
+/// another closely, the next one waits while changes keep coming (until [`QUIET`] passes
+/// without one, at most [`COMMIT_WINDOW`]) so that they join it; a change after a quiet
+/// spell is synced at once.
+///
+/// Why: without it a sync covers only what queued while the previous one ran. 1,000
+/// uploads finishing over a second came to ~570 ledger flushes and a few hundred fsyncs
+/// of the sent folder, each a journal commit: their CPU, and the Ceph OSD's extra work
+/// behind them, made the daemon 1.05x slower than s5cmd on 1,000 x 4 KiB (issue 8).
+#[derive(Debug, Default)]
+pub struct CommitWindow {
+    last_sync: Option<Instant>,
+}
+
+impl CommitWindow {
+    /// Until when a sync about to start at `now` may wait for more changes: `None` after
+    /// a quiet spell.
+    pub fn open_until(&self, now: Instant) -> Option<Instant> {
+        let at = self.last_sync?;
+        (now.saturating_duration_since(at) < BURST_GAP).then(|| now + COMMIT_WINDOW)
+    }
+
+    /// How long to wait for the next change at `now`: [`QUIET`], never past `until`;
+    /// `None` once the window is closed.
+    pub fn next_wait(until: Instant, now: Instant) -> Option<Duration> {
+        let left = until.saturating_duration_since(now);
+        (!left.is_zero()).then(|| left.min(QUIET))
+    }
+
+    /// Notes a sync that ended at `at` (failed or not: either way the disk was busy).
+    pub fn synced(&mut self, at: Instant) {
+        self.last_sync = Some(at);
+    }
+}
 
 /// The changes registered so far and how many of them a finished sync covers.
 #[derive(Debug, Default)]
@@ -14,8 +60,10 @@ pub struct GroupCommit {
     registered: AtomicU64,
     covered: AtomicU64,
     /// Syncs run one at a time: a waiter whose change the sync before it covered skips
-    /// its own. (Concurrent `flush_async` calls also hang sled 0.34.)
-    turn: tokio::sync::Mutex<()>,
+    /// its own. (Concurrent `flush_async` calls also hang sled 0.34.) The turn holds
+    /// the window: a sync waiting in it keeps the turn, and those queued behind find
+    /// themselves covered.
+    turn: tokio::sync::Mutex<CommitWindow>,
 }
 
 impl GroupCommit {
@@ -35,15 +83,33 @@ impl GroupCommit {
     where
         Fut: Future<Output = Result<(), E>>,
     {
-        let _turn = self.turn.lock().await;
+        let mut window = self.turn.lock().await;
         if self.covered.load(Ordering::SeqCst) >= ticket {
             return Ok(());
         }
+        if let Some(until) = window.open_until(now()) {
+            let mut seen = self.registered.load(Ordering::SeqCst);
+            while let Some(wait) = CommitWindow::next_wait(until, now()) {
+                tokio::time::sleep(wait).await;
+                let latest = self.registered.load(Ordering::SeqCst);
+                if latest == seen {
+                    break;
+                }
+                seen = latest;
+            }
+        }
         let covers = self.registered.load(Ordering::SeqCst);
-        sync().await?;
+        let synced = sync().await;
+        window.synced(now());
+        synced?;
         self.covered.fetch_max(covers, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// The runtime's clock, which tests can pause and advance.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// A group commit per folder for the fsync that makes renames into it durable: 1,000
@@ -112,6 +178,77 @@ mod tests {
             2,
             "a later change needs its own"
         );
+    }
+
+    #[test]
+    fn only_a_sync_soon_after_another_waits_and_never_past_the_window() {
+        let mut window = CommitWindow::default();
+        let t0 = Instant::now();
+        assert_eq!(window.open_until(t0), None, "the first sync");
+        window.synced(t0);
+        let at = t0 + Duration::from_millis(1);
+        let until = window
+            .open_until(at)
+            .expect("a sync soon after another waits");
+        assert_eq!(until, at + COMMIT_WINDOW);
+        assert_eq!(CommitWindow::next_wait(until, at), Some(QUIET));
+        assert_eq!(
+            CommitWindow::next_wait(until, until - Duration::from_millis(1)),
+            Some(Duration::from_millis(1)),
+            "never past the window"
+        );
+        assert_eq!(CommitWindow::next_wait(until, until), None);
+        assert_eq!(
+            window.open_until(t0 + BURST_GAP),
+            None,
+            "after a quiet spell"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_a_burst_a_change_made_during_the_window_joins_its_sync() {
+        let commit = Arc::new(GroupCommit::default());
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let sync = {
+            let syncs = Arc::clone(&syncs);
+            move || {
+                let syncs = Arc::clone(&syncs);
+                async move {
+                    syncs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<(), ()>(())
+                }
+            }
+        };
+        let first = commit.register();
+        let started = tokio::time::Instant::now();
+        commit.sync_through(first, sync.clone()).await.unwrap();
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "after a quiet spell, at once"
+        );
+
+        let second = commit.register();
+        let waiting = tokio::spawn({
+            let (commit, sync) = (Arc::clone(&commit), sync.clone());
+            async move { commit.sync_through(second, sync).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let third = commit.register();
+        commit.sync_through(third, sync.clone()).await.unwrap();
+        waiting.await.unwrap().unwrap();
+        assert_eq!(
+            syncs.load(Ordering::SeqCst),
+            2,
+            "the second and third changes share one sync"
+        );
+
+        // The burst's last change: its sync waits one quiet spell, not the whole window.
+        let last = commit.register();
+        let started = tokio::time::Instant::now();
+        commit.sync_through(last, sync).await.unwrap();
+        assert_eq!(started.elapsed(), QUIET);
+        assert_eq!(syncs.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

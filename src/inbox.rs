@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use md5::{Digest, Md5};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -155,11 +155,7 @@ impl Inbox {
                         p = Arc::clone(&permits).acquire_owned() => p.expect("never closed"),
                     };
                     let this = Arc::clone(&self);
-                    tasks.spawn(async move {
-                        let out = this.fetch(object, job).await;
-                        drop(permit);
-                        out
-                    });
+                    tasks.spawn(async move { this.fetch(object, job, permit).await });
                 }
                 while let Some(done) = tasks.try_join_next() {
                     tally(done, &mut totals, &mut changed);
@@ -277,7 +273,15 @@ impl Inbox {
         }
     }
 
-    async fn fetch(&self, object: Listed, (rel, record): (RelPath, Option<Received>)) -> Fetched {
+    /// Downloads one object, lands it and records it. `permit` is its transfer slot,
+    /// given back once the body is in: landing and recording wait for group commits (a
+    /// few milliseconds in a burst) that must not keep the next download from starting.
+    async fn fetch(
+        &self,
+        object: Listed,
+        (rel, record): (RelPath, Option<Received>),
+        permit: OwnedSemaphorePermit,
+    ) -> Fetched {
         let mut transfer = Transfer::start(
             Direction::Download,
             &object.key,
@@ -302,6 +306,7 @@ impl Inbox {
             }
             _ => self.download_whole(&object).await,
         };
+        drop(permit);
         let Written {
             temp,
             md5,

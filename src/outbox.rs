@@ -414,10 +414,12 @@ impl State {
             let unmoved = self.unmoved.remove(&path).filter(|(_, s)| *s == stamp);
             self.tasks.spawn(async move {
                 let outcome = match unmoved {
-                    Some((key, _)) => outbox.after_upload(&path, &key).await,
-                    None => outbox.send(&path, stamp).await,
+                    Some((key, _)) => {
+                        drop(permit);
+                        outbox.after_upload(&path, &key).await
+                    }
+                    None => outbox.send(&path, stamp, permit).await,
                 };
-                drop(permit);
                 (path, stamp, outcome)
             });
         }

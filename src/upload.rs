@@ -85,8 +85,16 @@ impl Outbox {
             .then(|| (localfs::stamp_of(&meta), localfs::changed_at(&meta)))
     }
 
-    /// Uploads one settled file and applies `after_upload`.
-    pub(crate) async fn send(&self, path: &Path, stamp: FileStamp) -> Outcome {
+    /// Uploads one settled file and applies `after_upload`. `permit` is its transfer
+    /// slot, given back as soon as S3 answered: recording the upload and moving the file
+    /// wait for group commits (a few milliseconds in a burst) that must not keep the
+    /// next file from starting.
+    pub(crate) async fn send(
+        &self,
+        path: &Path,
+        stamp: FileStamp,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Outcome {
         let rel = path.strip_prefix(&self.config.dir).unwrap_or(path);
         let key = match ObjectKey::for_upload(&self.config.prefix, rel) {
             Ok(key) => key,
@@ -101,6 +109,7 @@ impl Outbox {
         // before the upload, because the one after it decides: the upload counts only if
         // the file is still exactly what the worker saw settle.
         let result = self.upload(&key, path, rel, stamp).await;
+        drop(permit);
         let after = self.stamp_of(path);
         // A failure may come from the file, not from S3: a body read through a file
         // that vanished or changed surfaces inside the SDK as a dispatch error.

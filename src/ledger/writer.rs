@@ -1,7 +1,8 @@
 //! The ledger's one writing thread: every insert, removal and flush of the ledger runs
-//! here, in batches. A batch is what queued up while the previous flush ran; it is
-//! applied and then flushed once, and only then is each writer told its record is
-//! durable. That is group commit: a thousand records at once cost a few flushes.
+//! here, in batches. A batch is what queued up while the previous flush ran, and in a
+//! burst what comes within [`CommitWindow`]'s few milliseconds more; it is applied and
+//! then flushed once, and only then is each writer told its record is durable. That is
+//! group commit: a thousand records at once cost a few flushes.
 //!
 //! Why a thread of its own and not the runtime's blocking pool: sled 0.34 frees replaced
 //! pages through epoch-based reclamation, whose garbage is kept per thread and collected
@@ -12,6 +13,9 @@
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::group_commit::CommitWindow;
 
 /// The most changes applied before a flush: bounds how long the first writer of a
 /// long queue waits for its answer.
@@ -86,9 +90,23 @@ impl Drop for Writer {
 /// once, answer. A change that fails is answered at once and is not flushed for; a
 /// failed flush fails every change of its batch.
 fn write_batches(db: &sled::Db, requests: &mpsc::Receiver<Request>) {
+    let mut window = CommitWindow::default();
     while let Ok(first) = requests.recv() {
+        let mut batch = vec![first];
+        if let Some(until) = window.open_until(Instant::now()) {
+            while batch.len() < MAX_BATCH {
+                let Some(wait) = CommitWindow::next_wait(until, Instant::now()) else {
+                    break;
+                };
+                match requests.recv_timeout(wait) {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+        }
+        batch.extend(requests.try_iter().take(MAX_BATCH - batch.len()));
         let mut applied = Vec::new();
-        for request in std::iter::once(first).chain(requests.try_iter().take(MAX_BATCH - 1)) {
+        for request in batch {
             match apply(db, request.change) {
                 Ok(()) => applied.push(request.done),
                 Err(err) => {
@@ -100,6 +118,7 @@ fn write_batches(db: &sled::Db, requests: &mpsc::Receiver<Request>) {
             continue;
         }
         let flushed = db.flush().map(drop);
+        window.synced(Instant::now());
         for done in applied {
             // A writer that stopped waiting (its task cancelled) needs no answer.
             let _ = done.send(flushed.clone());
