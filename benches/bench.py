@@ -128,6 +128,12 @@ class Arrivals:
         self.names = {e.name for e in os.scandir(path) if not e.name.startswith(".")}
 
     def wait(self, what, count, timeout=900):
+        try:
+            self._wait(what, count, timeout)
+        finally:
+            os.close(self.fd)
+
+    def _wait(self, what, count, timeout):
         deadline = time.monotonic() + timeout
         while len(self.names) < count:
             ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
@@ -141,7 +147,6 @@ class Arrivals:
                 at += _EVENT.size + size
                 if not name.startswith("."):
                     self.names.add(name)
-        os.close(self.fd)
 
 
 def children_cpu():

@@ -274,8 +274,9 @@ impl Inbox {
     }
 
     /// Downloads one object, lands it and records it. `permit` is its transfer slot,
-    /// given back once the body is in: landing and recording wait for group commits (a
-    /// few milliseconds in a burst) that must not keep the next download from starting.
+    /// given back once the file is in its place: making that durable and recording it
+    /// wait for group commits (a few milliseconds in a burst) that must not keep the next
+    /// download from starting.
     async fn fetch(
         &self,
         object: Listed,
@@ -306,7 +307,6 @@ impl Inbox {
             }
             _ => self.download_whole(&object).await,
         };
-        drop(permit);
         let Written {
             temp,
             md5,
@@ -335,6 +335,10 @@ impl Inbox {
         let landed = tokio::task::block_in_place(|| {
             land(&self.root, &rel, &temp, md5.as_ref(), size, record.as_ref())
         });
+        // Landed (or not) before the slot is free: with `concurrency = 1` a delivery is in
+        // its place before the next one is fetched, so of `x` and `x/y` the one listed
+        // first wins, every time.
+        drop(permit);
         // The rename is durable before the ledger says the key was received: a crash
         // must never leave a record of a file that is not there.
         let landed = match landed {
