@@ -265,6 +265,32 @@ def report(title, results, unit="s"):
     return {k: median(v) for k, v in results.items()}
 
 
+def quiesce():
+    """Flushes what the set-up (or the previous contender) left dirty, so that no timed step
+    pays for another's writes with its first fsync."""
+    os.sync()
+
+
+def in_turn(r, ours, peers):
+    """s3-exchange first in even rounds, last in odd ones: whoever goes first meets a colder
+    server (and, before quiesce, the set-up's dirty pages), so neither side always does."""
+    return [ours, peers] if r % 2 == 0 else [peers, ours]
+
+
+def first_poll(d):
+    """Waits until the daemon's start-up poll finished (status.json's `polls`), so that
+    objects put afterwards are fetched by the measured poll, not by the start-up one."""
+
+    def polled():
+        try:
+            with open(os.path.join(d.base, "state", "status.json")) as f:
+                return json.load(f).get("polls", 0) >= 1
+        except (OSError, ValueError):
+            return False
+
+    wait_until("the daemon's first poll", polled, timeout=60, step=0.02)
+
+
 def scenario_big(work, client, summary):
     src = os.path.join(work, "big.bin")
     with open(src, "wb") as f:
@@ -273,7 +299,6 @@ def scenario_big(work, client, summary):
     up = {name: [] for name in ["s3-exchange", *PEERS]}
     down = {name: [] for name in ["s3-exchange", *PEERS]}
     peak = []
-    client.put_object(Bucket=BUCKET, Key="Delivery/big/seed", Body=b"x")
     for r in range(ROUNDS):
         # Prefixes unique to this run: a reused bucket (BENCH_BUCKET) holds earlier runs' objects,
         # which the daemon's start-up poll would fetch before the measurement.
@@ -281,38 +306,53 @@ def scenario_big(work, client, summary):
         # Each daemon polls only its own round's prefix: earlier rounds' deliveries must
         # not be fetched during this round's measurements.
         d = Daemon(os.path.join(work, f"big-{tag}"), f"Delivery/big-{tag}/")
+        first_poll(d)
+        # The owner's object, put after the start-up poll: the measured poll fetches it.
+        run([S5CMD, "--endpoint-url", ENDPOINT, "cp", src, f"s3://{BUCKET}/Delivery/big-{tag}/big.bin"])
         name = f"big-{tag}.bin"
         os.link(src, os.path.join(work, name))
-        t0 = time.monotonic()
-        os.rename(os.path.join(work, name), os.path.join(d.base, "outbox", name))
-        wait_until("the big upload", lambda: os.path.exists(os.path.join(d.base, "sent", name)))
-        up["s3-exchange"].append(time.monotonic() - t0)
-        # Download: the owner's object is already there; a poll fetches it.
-        run([S5CMD, "--endpoint-url", ENDPOINT, "cp", src, f"s3://{BUCKET}/Delivery/big-{tag}/big.bin"])
-        t0 = time.monotonic()
-        d.poll_now()
-        target = os.path.join(d.base, "inbox", "big.bin")
-        wait_until("the big delivery", lambda: os.path.exists(target))
-        down["s3-exchange"].append(time.monotonic() - t0)
+        out = os.path.join(work, "down.bin")
+
+        def ours_up():
+            quiesce()
+            t0 = time.monotonic()
+            os.rename(os.path.join(work, name), os.path.join(d.base, "outbox", name))
+            wait_until("the big upload", lambda: os.path.exists(os.path.join(d.base, "sent", name)))
+            up["s3-exchange"].append(time.monotonic() - t0)
+
+        def ours_down():
+            quiesce()
+            target = os.path.join(d.base, "inbox", "big.bin")
+            t0 = time.monotonic()
+            d.poll_now()
+            wait_until("the big delivery", lambda: os.path.exists(target))
+            down["s3-exchange"].append(time.monotonic() - t0)
+
+        def peers_up():
+            for peer, cmd in (
+                ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/s5-{tag}"]),
+                ("rclone", ["rclone", "copyto", src, f"rgw:{BUCKET}/Submissions/rc-{tag}"]),
+                ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--acl", "bucket-owner-full-control", "--quiet", src, f"s3://{BUCKET}/Submissions/aws-{tag}"]),
+            ):
+                if peer in PEERS:
+                    quiesce()
+                    up[peer].append(timed(cmd))
+
+        def peers_down():
+            for peer, cmd in (
+                ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/big-{tag}/big.bin", out]),
+                ("rclone", ["rclone", "copyto", f"rgw:{BUCKET}/Delivery/big-{tag}/big.bin", out]),
+                ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--quiet", f"s3://{BUCKET}/Delivery/big-{tag}/big.bin", out]),
+            ):
+                if peer in PEERS:
+                    quiesce()
+                    down[peer].append(timed(cmd))
+                    os.remove(out)
+
+        for step in in_turn(r, ours_up, peers_up) + in_turn(r, ours_down, peers_down):
+            step()
         peak.append(proc_status(d.pid, "VmHWM"))
         d.stop()
-        for peer, cmd in (
-            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/s5-{tag}"]),
-            ("rclone", ["rclone", "copyto", src, f"rgw:{BUCKET}/Submissions/rc-{tag}"]),
-            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--acl", "bucket-owner-full-control", "--quiet", src, f"s3://{BUCKET}/Submissions/aws-{tag}"]),
-        ):
-            if peer in PEERS:
-                up[peer].append(timed(cmd))
-        out = os.path.join(work, "down.bin")
-        for peer, cmd in (
-            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/big-{tag}/big.bin", out]),
-            ("rclone", ["rclone", "copyto", f"rgw:{BUCKET}/Delivery/big-{tag}/big.bin", out]),
-            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--quiet", f"s3://{BUCKET}/Delivery/big-{tag}/big.bin", out]),
-        ):
-            if peer not in PEERS:
-                continue
-            down[peer].append(timed(cmd))
-            os.remove(out)
         shutil.rmtree(d.base)
     summary["big_up"] = report("1 GiB up (outbox -> object complete)", up)
     summary["big_down"] = report("1 GiB down (delivery -> inbox)", down)
@@ -336,6 +376,10 @@ def scenario_small(work, client, summary):
             with open(os.path.join(src, f"f{i:04d}"), "wb") as f:
                 f.write(body)
         d = Daemon(os.path.join(work, f"smalld-{tag}"), f"Delivery/small-{tag}/")
+        first_poll(d)
+        # Delivered after the start-up poll and before anyone is timed: the daemon's
+        # measured poll and the peers' copies fetch the same objects.
+        put_many(client, f"Delivery/small-{tag}/", 1000, body)
         # Copied beside the outbox first (not timed: the peers read `src` as it is), then
         # dropped in with one rename, as a finished folder arrives. The folder's name is this
         # round's own, as the peers' prefixes are: keys that earlier runs wrote would make RGW
@@ -344,44 +388,56 @@ def scenario_small(work, client, summary):
         batch = f"batch-{tag}"
         shutil.copytree(src, os.path.join(d.base, "staging"))
         os.makedirs(os.path.join(d.base, "sent", batch))
-        sent = Arrivals(os.path.join(d.base, "sent", batch))
-        cpu0 = cpu_seconds(d.pid)
-        t0 = time.monotonic()
-        os.rename(os.path.join(d.base, "staging"), os.path.join(d.base, "outbox", batch))
-        sent.wait("1000 uploads", 1000)
-        up["s3-exchange"].append(time.monotonic() - t0)
-        cpu_up["s3-exchange"].append(cpu_seconds(d.pid) - cpu0)
-        # Delivered only now: the daemon's start-up poll must not fetch them during the
-        # upload measurement (nor have them fetched before the download one starts).
-        put_many(client, f"Delivery/small-{tag}/", 1000, body)
-        landed = Arrivals(os.path.join(d.base, "inbox"))
-        cpu0 = cpu_seconds(d.pid)
-        t0 = time.monotonic()
-        d.poll_now()
-        landed.wait("1000 deliveries", 1000)
-        down["s3-exchange"].append(time.monotonic() - t0)
-        cpu_down["s3-exchange"].append(cpu_seconds(d.pid) - cpu0)
+        dl = os.path.join(work, "dl")
+
+        def ours_up():
+            sent = Arrivals(os.path.join(d.base, "sent", batch))
+            quiesce()
+            cpu0 = cpu_seconds(d.pid)
+            t0 = time.monotonic()
+            os.rename(os.path.join(d.base, "staging"), os.path.join(d.base, "outbox", batch))
+            sent.wait("1000 uploads", 1000)
+            up["s3-exchange"].append(time.monotonic() - t0)
+            cpu_up["s3-exchange"].append(cpu_seconds(d.pid) - cpu0)
+
+        def ours_down():
+            landed = Arrivals(os.path.join(d.base, "inbox"))
+            quiesce()
+            cpu0 = cpu_seconds(d.pid)
+            t0 = time.monotonic()
+            d.poll_now()
+            landed.wait("1000 deliveries", 1000)
+            down["s3-exchange"].append(time.monotonic() - t0)
+            cpu_down["s3-exchange"].append(cpu_seconds(d.pid) - cpu0)
+
+        def peers_up():
+            for peer, cmd in (
+                ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", f"{src}/*", f"s3://{BUCKET}/Submissions/s5-small-{tag}/"]),
+                ("rclone", ["rclone", "copy", "--transfers", "16", src, f"rgw:{BUCKET}/Submissions/rc-small-{tag}/"]),
+                ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/aws-small-{tag}/"]),
+            ):
+                if peer in PEERS:
+                    quiesce()
+                    cpu0 = children_cpu()
+                    up[peer].append(timed(cmd))
+                    cpu_up[peer].append(children_cpu() - cpu0)
+
+        def peers_down():
+            for peer, cmd in (
+                ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/small-{tag}/*", dl + "/"]),
+                ("rclone", ["rclone", "copy", "--transfers", "16", f"rgw:{BUCKET}/Delivery/small-{tag}/", dl]),
+                ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", f"s3://{BUCKET}/Delivery/small-{tag}/", dl]),
+            ):
+                if peer in PEERS:
+                    quiesce()
+                    cpu0 = children_cpu()
+                    down[peer].append(timed(cmd))
+                    cpu_down[peer].append(children_cpu() - cpu0)
+                    shutil.rmtree(dl)
+
+        for step in in_turn(r, ours_up, peers_up) + in_turn(r, ours_down, peers_down):
+            step()
         d.stop()
-        for peer, cmd in (
-            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", f"{src}/*", f"s3://{BUCKET}/Submissions/s5-small-{tag}/"]),
-            ("rclone", ["rclone", "copy", "--transfers", "16", src, f"rgw:{BUCKET}/Submissions/rc-small-{tag}/"]),
-            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/aws-small-{tag}/"]),
-        ):
-            if peer in PEERS:
-                cpu0 = children_cpu()
-                up[peer].append(timed(cmd))
-                cpu_up[peer].append(children_cpu() - cpu0)
-        for peer, cmd in (
-            ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/small-{tag}/*", os.path.join(work, "dl") + "/"]),
-            ("rclone", ["rclone", "copy", "--transfers", "16", f"rgw:{BUCKET}/Delivery/small-{tag}/", os.path.join(work, "dl")]),
-            ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", f"s3://{BUCKET}/Delivery/small-{tag}/", os.path.join(work, "dl")]),
-        ):
-            if peer not in PEERS:
-                continue
-            cpu0 = children_cpu()
-            down[peer].append(timed(cmd))
-            cpu_down[peer].append(children_cpu() - cpu0)
-            shutil.rmtree(os.path.join(work, "dl"))
         shutil.rmtree(d.base)
         shutil.rmtree(src)
     summary["small_up"] = report("1,000 x 4 KiB up", up)
