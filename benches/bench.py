@@ -172,7 +172,8 @@ def cpu_seconds(pid):
 class Daemon:
     """The real binary on fresh folders, owner's keys, JSON log lines on stderr. The
     throughput scenarios log at info, as a production daemon would (the peers log nothing);
-    the latency and poll scenarios need the debug events ("transfer started", "poll done")."""
+    the latency and poll scenarios need the debug event "transfer started". Finished polls
+    are counted from the daemon's `status.json`, at any log level."""
 
     def __init__(self, base, inbox_prefix, poll_interval="1h", rescan="5m", level="info"):
         self.base = base
@@ -226,6 +227,19 @@ dir = "{base}/log"
     def poll_now(self):
         os.kill(self.pid, signal.SIGUSR1)
 
+    def polls(self):
+        """Polls this daemon finished, from its `status.json` (written within 500 ms of a
+        change; an earlier daemon's file in the same folder does not count)."""
+        try:
+            with open(os.path.join(self.base, "state", "status.json")) as f:
+                status = json.load(f)
+        except (OSError, ValueError):
+            return 0
+        return status.get("polls", 0) if status.get("pid") == self.pid else 0
+
+    def wait_polls(self, what, count, timeout=60):
+        wait_until(what, lambda: self.polls() >= count, timeout=timeout, step=0.02)
+
     def events(self):
         with open(self.stderr.name) as f:
             for line in f:
@@ -238,10 +252,6 @@ dir = "{base}/log"
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
         self.stderr.close()
-
-
-def polls_done(daemon):
-    return sum(1 for e in daemon.events() if e.get("fields", {}).get("message") == "poll done")
 
 
 def delete_prefix(client, prefix):
@@ -287,18 +297,19 @@ def in_turn(r, ours, peers):
     return [ours, peers] if r % 2 == 0 else [peers, ours]
 
 
-def first_poll(d):
-    """Waits until the daemon's start-up poll finished (status.json's `polls`), so that
-    objects put afterwards are fetched by the measured poll, not by the start-up one."""
-
-    def polled():
-        try:
-            with open(os.path.join(d.base, "state", "status.json")) as f:
-                return json.load(f).get("polls", 0) >= 1
-        except (OSError, ValueError):
-            return False
-
-    wait_until("the daemon's first poll", polled, timeout=60, step=0.02)
+def time_peers(cmds, times, cpu=None, after=None):
+    """Runs each chosen peer's command after `quiesce`, recording its run time (and its CPU
+    seconds in `cpu`); `after` clears what it wrote."""
+    for peer, cmd in cmds:
+        if peer not in PEERS:
+            continue
+        quiesce()
+        cpu0 = children_cpu()
+        times[peer].append(timed(cmd))
+        if cpu is not None:
+            cpu[peer].append(children_cpu() - cpu0)
+        if after:
+            after()
 
 
 def scenario_big(work, client, summary):
@@ -316,7 +327,7 @@ def scenario_big(work, client, summary):
         # Each daemon polls only its own round's prefix: earlier rounds' deliveries must
         # not be fetched during this round's measurements.
         d = Daemon(os.path.join(work, f"big-{tag}"), f"Delivery/big-{tag}/")
-        first_poll(d)
+        d.wait_polls("the daemon's start-up poll", 1)
         # The owner's object, put after the start-up poll: the measured poll fetches it.
         run([S5CMD, "--endpoint-url", ENDPOINT, "cp", src, f"s3://{BUCKET}/Delivery/big-{tag}/big.bin"])
         name = f"big-{tag}.bin"
@@ -339,25 +350,25 @@ def scenario_big(work, client, summary):
             down["s3-exchange"].append(time.monotonic() - t0)
 
         def peers_up():
-            for peer, cmd in (
-                ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/s5-{tag}"]),
-                ("rclone", ["rclone", "copyto", src, f"rgw:{BUCKET}/Submissions/rc-{tag}"]),
-                ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--acl", "bucket-owner-full-control", "--quiet", src, f"s3://{BUCKET}/Submissions/aws-{tag}"]),
-            ):
-                if peer in PEERS:
-                    quiesce()
-                    up[peer].append(timed(cmd))
+            time_peers(
+                (
+                    ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/s5-{tag}"]),
+                    ("rclone", ["rclone", "copyto", src, f"rgw:{BUCKET}/Submissions/rc-{tag}"]),
+                    ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--acl", "bucket-owner-full-control", "--quiet", src, f"s3://{BUCKET}/Submissions/aws-{tag}"]),
+                ),
+                up,
+            )
 
         def peers_down():
-            for peer, cmd in (
-                ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/big-{tag}/big.bin", out]),
-                ("rclone", ["rclone", "copyto", f"rgw:{BUCKET}/Delivery/big-{tag}/big.bin", out]),
-                ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--quiet", f"s3://{BUCKET}/Delivery/big-{tag}/big.bin", out]),
-            ):
-                if peer in PEERS:
-                    quiesce()
-                    down[peer].append(timed(cmd))
-                    os.remove(out)
+            time_peers(
+                (
+                    ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/big-{tag}/big.bin", out]),
+                    ("rclone", ["rclone", "copyto", f"rgw:{BUCKET}/Delivery/big-{tag}/big.bin", out]),
+                    ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--quiet", f"s3://{BUCKET}/Delivery/big-{tag}/big.bin", out]),
+                ),
+                down,
+                after=lambda: os.remove(out),
+            )
 
         for step in in_turn(r, ours_up, peers_up) + in_turn(r, ours_down, peers_down):
             step()
@@ -389,7 +400,7 @@ def scenario_small(work, client, summary):
             with open(os.path.join(src, f"f{i:04d}"), "wb") as f:
                 f.write(body)
         d = Daemon(os.path.join(work, f"smalld-{tag}"), f"Delivery/small-{tag}/")
-        first_poll(d)
+        d.wait_polls("the daemon's start-up poll", 1)
         # Delivered after the start-up poll and before anyone is timed: the daemon's
         # measured poll and the peers' copies fetch the same objects.
         put_many(client, f"Delivery/small-{tag}/", 1000, body)
@@ -424,29 +435,27 @@ def scenario_small(work, client, summary):
             cpu_down["s3-exchange"].append(cpu_seconds(d.pid) - cpu0)
 
         def peers_up():
-            for peer, cmd in (
-                ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", f"{src}/*", f"s3://{BUCKET}/Submissions/s5-small-{tag}/"]),
-                ("rclone", ["rclone", "copy", "--transfers", "16", src, f"rgw:{BUCKET}/Submissions/rc-small-{tag}/"]),
-                ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/aws-small-{tag}/"]),
-            ):
-                if peer in PEERS:
-                    quiesce()
-                    cpu0 = children_cpu()
-                    up[peer].append(timed(cmd))
-                    cpu_up[peer].append(children_cpu() - cpu0)
+            time_peers(
+                (
+                    ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", "--acl", "bucket-owner-full-control", f"{src}/*", f"s3://{BUCKET}/Submissions/s5-small-{tag}/"]),
+                    ("rclone", ["rclone", "copy", "--transfers", "16", src, f"rgw:{BUCKET}/Submissions/rc-small-{tag}/"]),
+                    ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", "--acl", "bucket-owner-full-control", src, f"s3://{BUCKET}/Submissions/aws-small-{tag}/"]),
+                ),
+                up,
+                cpu_up,
+            )
 
         def peers_down():
-            for peer, cmd in (
-                ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/small-{tag}/*", dl + "/"]),
-                ("rclone", ["rclone", "copy", "--transfers", "16", f"rgw:{BUCKET}/Delivery/small-{tag}/", dl]),
-                ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", f"s3://{BUCKET}/Delivery/small-{tag}/", dl]),
-            ):
-                if peer in PEERS:
-                    quiesce()
-                    cpu0 = children_cpu()
-                    down[peer].append(timed(cmd))
-                    cpu_down[peer].append(children_cpu() - cpu0)
-                    shutil.rmtree(dl)
+            time_peers(
+                (
+                    ("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "cp", f"s3://{BUCKET}/Delivery/small-{tag}/*", dl + "/"]),
+                    ("rclone", ["rclone", "copy", "--transfers", "16", f"rgw:{BUCKET}/Delivery/small-{tag}/", dl]),
+                    ("aws", [AWS, "--endpoint-url", ENDPOINT, "s3", "cp", "--recursive", "--quiet", f"s3://{BUCKET}/Delivery/small-{tag}/", dl]),
+                ),
+                down,
+                cpu_down,
+                after=lambda: shutil.rmtree(dl),
+            )
 
         for step in in_turn(r, ours_up, peers_up) + in_turn(r, ours_down, peers_down):
             step()
@@ -467,10 +476,10 @@ def scenario_poll_and_idle(work, client, summary):
         print(f"\n(setting up {POLL_OBJECTS} objects under Delivery/many/ ...)", flush=True)
         put_many(client, "Delivery/many/", POLL_OBJECTS, b"k")
     d = Daemon(os.path.join(work, "poll"), "Delivery/many/", poll_interval="1h", level="debug")
-    wait_until("the first full pass", lambda: polls_done(d) >= 1, timeout=3600, step=0.5)
+    d.wait_polls("the first full pass", 1, timeout=3600)
     cpu, rss, peak, gets = [], [], [], []
     for _ in range(ROUNDS):
-        before_polls, before_cpu = polls_done(d), cpu_seconds(d.pid)
+        before_polls, before_cpu = d.polls(), cpu_seconds(d.pid)
         before_gets = sum(1 for e in d.events() if e.get("fields", {}).get("direction") == "download")
         rss.append(proc_status(d.pid, "VmRSS"))
         # The peak during the poll itself: VmHWM restarts from the current RSS ("5" resets
@@ -479,7 +488,7 @@ def scenario_poll_and_idle(work, client, summary):
         with open(f"/proc/{d.pid}/clear_refs", "w") as f:
             f.write("5")
         d.poll_now()
-        wait_until("a steady-state poll", lambda: polls_done(d) > before_polls, timeout=600, step=0.05)
+        d.wait_polls("a steady-state poll", before_polls + 1, timeout=600)
         cpu.append(cpu_seconds(d.pid) - before_cpu)
         peak.append(proc_status(d.pid, "VmHWM"))
         gets.append(sum(1 for e in d.events() if e.get("fields", {}).get("direction") == "download") - before_gets)
@@ -497,7 +506,7 @@ def scenario_poll_and_idle(work, client, summary):
     # cost), once with all 100,000 objects still listed (each 30 s poll lists them again).
     for label, prefix in (("nothing listed", "Delivery/idle-empty/"), (f"{POLL_OBJECTS} objects listed at each poll", "Delivery/many/")):
         d = Daemon(os.path.join(work, "poll"), prefix, poll_interval="30s", level="debug")
-        wait_until("start-up poll", lambda: polls_done(d) >= 1, timeout=600, step=0.5)
+        d.wait_polls("start-up poll", 1, timeout=600)
         c0 = cpu_seconds(d.pid)
         time.sleep(IDLE_SECONDS)  # measuring an idle period is the point here, not a synchronisation
         idle_cpu = cpu_seconds(d.pid) - c0
