@@ -35,7 +35,8 @@ import boto3
 from botocore.config import Config as BotoConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "s3-exchange")
+# S3X_BIN: another build of the daemon (an A/B against an older commit).
+BIN = os.environ.get("S3X_BIN") or os.path.join(ROOT, "target", "release", "s3-exchange")
 ENDPOINT = os.environ["S3X_RGW_ENDPOINT"]
 KEY = os.environ["S3X_RGW_OWNER_KEY"]
 SECRET = os.environ["S3X_RGW_OWNER_SECRET"]

@@ -6,6 +6,9 @@
 //! its own uploads back. Every upload carries the configured canned ACL and, when set,
 //! the expected bucket owner. Every failure becomes an [`Error`] with a [`Class`]
 //! decided by [`classify`] alone, and a hint naming the setting that likely fixes it.
+//! Its submodule [`listing`] reads listing pages more cheaply than the SDK does.
+
+mod listing;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -428,6 +431,7 @@ impl Store {
         start: Option<String>,
         url_encoded: bool,
     ) -> Result<ListPage, Error> {
+        let reader = listing::ContentsReader::default();
         let out = self
             .client
             .list_objects_v2()
@@ -436,26 +440,33 @@ impl Store {
             .set_continuation_token(start)
             .set_encoding_type(url_encoded.then_some(EncodingType::Url))
             .set_expected_bucket_owner(self.expected_owner.clone())
+            .customize()
+            .interceptor(reader.clone())
             .send()
             .await;
-        let out = self.observe(out, "ListObjectsV2", prefix.as_str())?;
+        let mut out = self.observe(out, "ListObjectsV2", prefix.as_str())?;
         let decode = url_encoded && out.encoding_type == Some(EncodingType::Url);
-        let objects = out
-            .contents
-            .unwrap_or_default()
-            .into_iter()
+        // The reader's objects, or the SDK's where it left the page to the SDK.
+        let raw = reader.take().unwrap_or_default().into_iter();
+        let sdk = out.contents.take().unwrap_or_default().into_iter();
+        let objects = raw
+            .chain(sdk.filter_map(listing::RawObject::from_sdk))
             .filter_map(|o| {
-                let key = o.key?;
-                let key = if decode { keys::url_decode(&key)? } else { key };
+                let key = if decode {
+                    keys::url_decode(&o.key)?
+                } else {
+                    o.key
+                };
                 Some(Listed {
                     key: ObjectKey::from_listing(key),
-                    etag: o.e_tag.filter(|e| !e.is_empty()).map(ETag::new),
+                    etag: o.etag.filter(|e| !e.is_empty()).map(ETag::new),
                     size: o.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
                     last_modified_ms: o
                         .last_modified
                         .and_then(|t| t.to_millis().ok())
                         .unwrap_or(0),
-                    full_object_checksum: o.checksum_type == Some(ChecksumType::FullObject),
+                    full_object_checksum: o.checksum_type.as_deref()
+                        == Some(ChecksumType::FullObject.as_str()),
                 })
             })
             .collect();
