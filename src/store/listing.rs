@@ -7,11 +7,16 @@
 //! SDK sees it and reads the fields the daemon uses; the SDK still reads what is left
 //! (truncation, continuation token, encoding type) and every error.
 //!
-//! It is never less exact than the SDK, only cheaper: whatever it is not sure of (a
-//! comment or CDATA, an attribute, a namespace prefix, an entity it does not know, a
-//! control character, a number or date that does not parse) leaves the whole page to the
-//! SDK as it came.
+//! On the pages S3 servers send it reads what the SDK reads, only cheaper; whatever it is
+//! not sure of (a comment, CDATA or processing instruction, an attribute, a namespace
+//! prefix, nesting deeper than `Owner`'s, an entity it does not know, a character XML
+//! cannot carry, a number or date that does not parse) leaves the whole page to the SDK
+//! as it came. It checks less than the SDK's parser does, though: a page malformed in a
+//! way it does not look for (a bad boolean in `RestoreStatus`, a `<Contents>` outside
+//! `ListBucketResult`) may be read where the SDK would refuse it. With trace logging the
+//! SDK's log of the response body shows the page without its objects.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
@@ -148,9 +153,18 @@ const CLOSE: &[u8] = b"</Contents>";
 /// Splits a ListObjectsV2 page into its objects and the document without them; `None`
 /// when the page is not a listing with objects this reader can read whole.
 pub fn split(doc: &[u8]) -> Option<(Vec<RawObject>, Vec<u8>)> {
-    // A `<Contents>` inside a comment or CDATA section is not an element; such pages,
-    // never seen from S3, are the SDK's.
-    if memmem::find(doc, b"<!").is_some() || memmem::find(doc, b"<ListBucketResult").is_none() {
+    // A `<Contents>` inside a comment, CDATA section or processing instruction is not an
+    // element, and the SDK reads `<s3:Contents>` too: such pages, never seen from S3, are
+    // the SDK's.
+    let body = match doc.strip_prefix(b"<?xml") {
+        Some(declared) => &declared[memmem::find(declared, b"?>")? + 2..],
+        None => doc,
+    };
+    if memmem::find(body, b"<!").is_some()
+        || memmem::find(body, b"<?").is_some()
+        || memmem::find(body, b":Contents").is_some()
+        || memmem::find(body, b"<ListBucketResult").is_none()
+    {
         return None;
     }
     let opens = memmem::Finder::new(b"<Contents");
@@ -177,8 +191,9 @@ pub fn split(doc: &[u8]) -> Option<(Vec<RawObject>, Vec<u8>)> {
     Some((objects, rest))
 }
 
-/// Reads the children of one `<Contents>` element, skipping those the daemon does not
-/// use (`StorageClass`, `Owner`, ...).
+/// Reads the children of one `<Contents>` element. Those the daemon does not use
+/// (`StorageClass`, `Owner`, ...) are checked as the SDK would read them, not skipped
+/// blindly: a malformed one sends the page to the SDK.
 fn object(mut xml: &[u8]) -> Option<RawObject> {
     let mut key = None;
     let mut object = RawObject {
@@ -189,67 +204,110 @@ fn object(mut xml: &[u8]) -> Option<RawObject> {
         checksum_type: None,
     };
     loop {
-        xml = xml.trim_ascii_start();
+        xml = trim_space(xml);
         if xml.is_empty() {
             break;
         }
-        // Text between elements, a self-closing element, attributes, a prefix: the SDK's.
-        let after_lt = xml.strip_prefix(b"<")?;
-        let gt = memchr::memchr(b'>', after_lt)?;
-        let name = &after_lt[..gt];
-        if name.is_empty() || !name.iter().all(u8::is_ascii_alphanumeric) {
-            return None;
-        }
-        let body = &after_lt[gt + 1..];
-        let wanted = matches!(
-            name,
-            b"Key" | b"ETag" | b"Size" | b"LastModified" | b"ChecksumType"
-        );
-        let (content, after) = if wanted {
-            let lt = memchr::memchr(b'<', body)?;
-            (&body[..lt], &body[lt..])
-        } else {
-            // The unused children (`Owner`, `RestoreStatus`) never nest one of their own
-            // name, so the first closing tag of that name ends them.
-            let mut close = Vec::with_capacity(name.len() + 3);
-            close.extend_from_slice(b"</");
-            close.extend_from_slice(name);
-            close.push(b'>');
-            let end = memmem::find(body, &close)?;
-            (&body[..0], &body[end..])
-        };
-        xml = after
-            .strip_prefix(b"</")?
-            .strip_prefix(name)?
-            .strip_prefix(b">")?;
-        match name {
-            b"Key" => key = Some(text(content)?),
-            b"ETag" => object.etag = Some(text(content)?),
-            b"Size" => object.size = Some(std::str::from_utf8(content).ok()?.parse().ok()?),
-            b"LastModified" => {
-                let date = std::str::from_utf8(content).ok()?;
-                object.last_modified =
-                    Some(DateTime::from_str(date, DateTimeFormat::DateTime).ok()?);
+        let child = element(xml, true)?;
+        xml = child.rest;
+        let plain = || std::str::from_utf8(child.text).ok();
+        match child.name {
+            b"Key" | b"ETag" | b"Size" | b"LastModified" | b"ChecksumType" if child.nested => {
+                return None;
             }
-            b"ChecksumType" => object.checksum_type = Some(text(content)?),
-            _ => {}
+            b"Key" => key = Some(text(child.text)?.into_owned()),
+            b"ETag" => object.etag = Some(text(child.text)?.into_owned()),
+            b"Size" => object.size = Some(plain()?.parse().ok()?),
+            b"LastModified" => {
+                object.last_modified =
+                    Some(DateTime::from_str(plain()?, DateTimeFormat::DateTime).ok()?);
+            }
+            b"ChecksumType" => object.checksum_type = Some(text(child.text)?.into_owned()),
+            _ => {
+                text(child.text)?;
+            }
         }
     }
     object.key = key?;
     Some(object)
 }
 
+/// One element at the start of `xml`.
+struct Element<'a> {
+    name: &'a [u8],
+    /// Its character data; empty when it holds elements.
+    text: &'a [u8],
+    /// Whether it holds elements (each checked to be plain text).
+    nested: bool,
+    rest: &'a [u8],
+}
+
+/// Reads the element at the start of `xml`: a plain name (no attributes, prefix or
+/// self-closing tag) and either text or, where `may_nest`, elements holding only text
+/// (`Owner`'s `ID` and `DisplayName`). Anything else is `None`.
+fn element(xml: &[u8], may_nest: bool) -> Option<Element<'_>> {
+    let after_lt = xml.strip_prefix(b"<")?;
+    let gt = memchr::memchr(b'>', after_lt)?;
+    let name = &after_lt[..gt];
+    let (first, more) = name.split_first()?;
+    if !first.is_ascii_alphabetic() || !more.iter().all(u8::is_ascii_alphanumeric) {
+        return None;
+    }
+    let body = &after_lt[gt + 1..];
+    let lt = memchr::memchr(b'<', body)?;
+    let (mut content, mut after) = (&body[..lt], &body[lt..]);
+    let nested = !after.starts_with(b"</");
+    if nested {
+        if !may_nest || !trim_space(content).is_empty() {
+            return None;
+        }
+        while !after.starts_with(b"</") {
+            let inner = element(after, false)?;
+            text(inner.text)?;
+            after = trim_space(inner.rest);
+        }
+        content = &[];
+    }
+    let rest = after
+        .strip_prefix(b"</")?
+        .strip_prefix(name)?
+        .strip_prefix(b">")?;
+    Some(Element {
+        name,
+        text: content,
+        nested,
+        rest,
+    })
+}
+
+/// `xml` without the white space XML allows before it (not `trim_ascii_start`: a form
+/// feed is no XML white space).
+fn trim_space(xml: &[u8]) -> &[u8] {
+    let n = xml
+        .iter()
+        .take_while(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .count();
+    &xml[n..]
+}
+
 /// XML character data to a string: the five predefined entities and character
-/// references decoded. Control characters, raw or referenced, are refused: XML 1.0
-/// cannot carry most of them, and a conforming parser would rewrite `\r`.
-fn text(raw: &[u8]) -> Option<String> {
+/// references decoded. Refused, as the SDK's parser refuses them or might read them
+/// otherwise: control characters raw or referenced (even tab and newline, which XML
+/// allows but a conforming parser may rewrite), `]]>`, and U+FFFE and U+FFFF.
+fn text(raw: &[u8]) -> Option<Cow<'_, str>> {
     if raw.iter().any(|&b| b < 0x20) {
         return None;
     }
     let raw = std::str::from_utf8(raw).ok()?;
+    // `]` and U+FFFE/U+FFFF's first byte are rare in keys: the exact checks run seldom.
+    if memchr::memchr2(b']', 0xEF, raw.as_bytes()).is_some()
+        && (raw.contains("]]>") || raw.contains(['\u{FFFE}', '\u{FFFF}']))
+    {
+        return None;
+    }
     // memchr, not `str::find`: every ETag holds two `&quot;`, every poll 100,000 ETags.
     let Some(first) = memchr::memchr(b'&', raw.as_bytes()) else {
-        return Some(raw.to_owned());
+        return Some(Cow::Borrowed(raw));
     };
     let mut out = String::with_capacity(raw.len());
     out.push_str(&raw[..first]);
@@ -276,7 +334,7 @@ fn text(raw: &[u8]) -> Option<String> {
         rest = &entity[semi + 1..];
     }
     out.push_str(rest);
-    Some(out)
+    Some(Cow::Owned(out))
 }
 
 #[cfg(test)]
@@ -429,6 +487,44 @@ mod tests {
             (
                 "an attribute on Contents",
                 with("<Contents>", "<Contents a=\"b\">"),
+            ),
+            (
+                "a processing instruction",
+                with("<KeyCount>", "<?pi x?><KeyCount>"),
+            ),
+            ("a prefixed Contents", with("<Contents>", "<s3:Contents>")),
+            ("]]> in text", with("Delivery/a &amp;", "Delivery/a]]>")),
+            (
+                "U+FFFF in text",
+                with("Delivery/a &amp;", "Delivery/a\u{FFFF}"),
+            ),
+            (
+                "a form feed between children",
+                with("<Size>4096", "\u{C}<Size>4096"),
+            ),
+            (
+                "a name starting with a digit",
+                with("<Type>Normal</Type>", "<1a>b</1a>"),
+            ),
+            (
+                "a bad entity in a skipped child",
+                with("<ID>owner</ID>", "<ID>&foo;</ID>"),
+            ),
+            (
+                "a skipped child badly nested",
+                with("<DisplayName>Owner</DisplayName>", "<DisplayName>Owner"),
+            ),
+            (
+                "nesting two levels deep",
+                with("<ID>owner</ID>", "<ID><X>y</X></ID>"),
+            ),
+            (
+                "elements in a wanted field",
+                with("<Size>4096</Size>", "<Size><X>1</X></Size>"),
+            ),
+            (
+                "text beside skipped elements",
+                with("<ID>owner</ID>", "x<ID>owner</ID>"),
             ),
         ] {
             assert_eq!(split(page.as_bytes()), None, "{why}: {page}");
