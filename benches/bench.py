@@ -12,6 +12,9 @@ Scenarios (issue 8):
   poll      a steady-state poll of Delivery/ holding N known objects: CPU s, GETs, RSS
   latency   from a file's close to the start of its upload, beyond settle (p50, p99)
   idle      CPU seconds and resident memory over IDLE_SECONDS with the ledger of `poll`
+  single    40 deliveries of 4 KiB one at a time (`transfer.concurrency = 1`, s5cmd
+            `--numworkers 1`): the time of each, where a server's Nagle meets a client's
+            delayed ACK (not part of the default run)
 """
 
 import ctypes
@@ -46,6 +49,7 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 POLL_OBJECTS = int(os.environ.get("BENCH_POLL_OBJECTS", "100000"))
 IDLE_SECONDS = int(os.environ.get("BENCH_IDLE_SECONDS", "300"))
 LATENCY_FILES = int(os.environ.get("BENCH_LATENCY_FILES", "200"))
+SINGLE_FILES = 40
 # A fresh bucket per run: objects of an earlier run must not be mistaken for this one's.
 BUCKET = os.environ.get("BENCH_BUCKET") or f"bench-{int(time.time())}"
 SETTLE_MS = 200
@@ -176,7 +180,7 @@ class Daemon:
     the latency and poll scenarios need the debug event "transfer started". Finished polls
     are counted from the daemon's `status.json`, at any log level."""
 
-    def __init__(self, base, inbox_prefix, poll_interval="1h", rescan="5m", level="info"):
+    def __init__(self, base, inbox_prefix, poll_interval="1h", rescan="5m", level="info", extra=""):
         self.base = base
         for d in ("outbox", "inbox", "sent", "state", "log"):
             os.makedirs(os.path.join(base, d), exist_ok=True)
@@ -204,7 +208,7 @@ dir = "{base}/state"
 level = "{level}"
 format = "json"
 dir = "{base}/log"
-"""
+{extra}"""
             )
         self.stderr = open(os.path.join(base, "stderr.jsonl"), "w")
         self.proc = subprocess.Popen(
@@ -547,6 +551,44 @@ def scenario_latency(work, client, summary):
     summary["latency_p99_ms"] = p99
 
 
+def scenario_single(work, client, summary):
+    """Small deliveries one at a time. The Ceph RADOS Gateway writes a response's head and
+    body in two sends with Nagle's algorithm on, so a small body waits until the client
+    acknowledges the head; a client that leaves that to Linux's delayed ACK waits 40 ms per
+    GET (src/store/http.rs). Per file: the daemon's logged transfer time (GET, write, fsync,
+    rename), and s5cmd's run time over the count (its start-up and listing included)."""
+    ours, theirs = [], []
+    body = os.urandom(4096)
+    for r in range(ROUNDS):
+        tag = f"{RUN}-{r}"
+        prefix = f"Delivery/single-{tag}/"
+        d = Daemon(os.path.join(work, f"single-{tag}"), prefix, extra="[transfer]\nconcurrency = 1\n")
+        d.wait_polls("the daemon's start-up poll", 1)
+        put_many(client, prefix, SINGLE_FILES, body)
+        landed = Arrivals(os.path.join(d.base, "inbox"))
+        quiesce()
+        d.poll_now()
+        landed.wait(f"{SINGLE_FILES} deliveries", SINGLE_FILES)
+        d.stop()
+        took = [e["fields"]["duration_ms"] for e in d.events() if e.get("fields", {}).get("message") == "transfer"]
+        ours.append(median(took) / 1000)
+        dl = os.path.join(work, "dl")
+        times = {"s5cmd": []}
+        if "s5cmd" in PEERS:
+            time_peers(
+                (("s5cmd", [S5CMD, "--endpoint-url", ENDPOINT, "--numworkers", "1", "cp", f"s3://{BUCKET}/{prefix}*", dl + "/"]),),
+                times,
+                after=lambda: shutil.rmtree(dl),
+            )
+            theirs.append(times["s5cmd"][0] / SINGLE_FILES)
+        delete_prefix(client, prefix)
+        shutil.rmtree(d.base)
+    results = {"s3-exchange": ours}
+    if theirs:
+        results["s5cmd"] = theirs
+    summary["single_4k_down"] = report(f"{SINGLE_FILES} x 4 KiB down one at a time, per file", results)
+
+
 def parse_ts(ts):
     m = re.match(r"(\d+)-(\d+)-(\d+)T(\d+):(\d+):(\d+)(\.\d+)?Z", ts)
     import calendar
@@ -565,7 +607,7 @@ def main():
     summary = {}
     with tempfile.TemporaryDirectory(prefix="s3x-bench-", dir=os.environ.get("BENCH_DIR")) as work:
         for s in scenarios:
-            {"big": scenario_big, "small": scenario_small, "latency": scenario_latency, "poll": scenario_poll_and_idle}[s](work, client, summary)
+            {"big": scenario_big, "small": scenario_small, "latency": scenario_latency, "poll": scenario_poll_and_idle, "single": scenario_single}[s](work, client, summary)
     print("\nsummary (JSON):", json.dumps(summary, sort_keys=True))
 
 

@@ -8,6 +8,7 @@
 //! decided by [`classify`] alone, and a hint naming the setting that likely fixes it.
 //! Its submodule [`listing`] reads listing pages more cheaply than the SDK does.
 
+mod http;
 mod listing;
 
 use std::path::Path;
@@ -83,6 +84,8 @@ pub enum SetupError {
         "no AWS region: set s3.region in the configuration, AWS_REGION, or a region in the profile"
     )]
     NoRegion,
+    #[error("cannot set up TLS: {0}")]
+    Tls(rustls::Error),
 }
 
 /// One object from a listing.
@@ -168,7 +171,9 @@ impl Store {
             Checksums::WhenSupported => RequestChecksumCalculation::WhenSupported,
             Checksums::WhenRequired => RequestChecksumCalculation::WhenRequired,
         };
+        let http = http::QuickAckClient::new().map_err(SetupError::Tls)?;
         let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
+            .http_client(http)
             .force_path_style(s3.force_path_style)
             .request_checksum_calculation(checksums)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
