@@ -171,9 +171,7 @@ impl Store {
             Checksums::WhenSupported => RequestChecksumCalculation::WhenSupported,
             Checksums::WhenRequired => RequestChecksumCalculation::WhenRequired,
         };
-        let http = http::QuickAckClient::new().map_err(SetupError::Tls)?;
         let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
-            .http_client(http)
             .force_path_style(s3.force_path_style)
             .request_checksum_calculation(checksums)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
@@ -183,6 +181,14 @@ impl Store {
                     .with_max_attempts(transfer.max_attempts)
                     .with_max_backoff(Duration::from_secs(20)),
             );
+        if let Some(variable) = http::proxy_in_environment() {
+            tracing::info!(
+                variable,
+                "a proxy is set in the environment: S3 calls go through the SDK's HTTP client, which honours it (and NO_PROXY)"
+            );
+        } else {
+            builder = builder.http_client(http::QuickAckClient::new().map_err(SetupError::Tls)?);
+        }
         if let Some(url) = &s3.endpoint_url {
             builder = builder.endpoint_url(url);
         }

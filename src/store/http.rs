@@ -1,7 +1,9 @@
 //! The HTTP client under the S3 calls: the parts of the SDK's default client (hyper 1 over
-//! rustls with the system's root certificates, `TCP_NODELAY`, connect and read timeouts,
-//! a pool of keep-alive connections), with one change: the TCP stream acknowledges what it
-//! received at once (`TCP_QUICKACK`) instead of leaving that to Linux's delayed ACK.
+//! rustls with aws-lc and the system's root certificates, `TCP_NODELAY`, a connect timeout
+//! over DNS, TCP and TLS, a read timeout until the response head, a pool of keep-alive
+//! connections that the SDK may poison, its error kinds), with one change: the TCP stream
+//! acknowledges what it received at once (`TCP_QUICKACK`) instead of leaving that to
+//! Linux's delayed ACK.
 //!
 //! Why: a server that sends a response's head and its body in two writes with Nagle's
 //! algorithm on (Ceph RGW's beast frontend does) holds a small body back until the head is
@@ -12,8 +14,14 @@
 //! aws-smithy-http-client 1.5 builds its TCP stream inside and offers no hook on it, so
 //! this module assembles the same parts around a stream of its own.
 //!
-//! Cost: one `setsockopt` before each read of the socket (a few microseconds per response;
-//! a 1 GiB download makes some ten thousand reads).
+//! Cost: one `setsockopt` each time hyper polls the socket for data (a microsecond or so; a
+//! few per small response, some ten thousand over a 1 GiB download).
+//!
+//! Where it differs from the SDK's client: HTTP/1.1 only (S3 speaks it; the SDK's client
+//! offers h2 by ALPN, which S3 does not take), rustls' own choice of cipher suites, no
+//! User-Agent note of the HTTP stack. And where the environment names a proxy
+//! ([`proxy_in_environment`]) the daemon keeps the SDK's client, which handles proxies;
+//! the delayed ACK is then the proxy's business.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,13 +42,28 @@ use aws_smithy_types::body::SdkBody;
 use aws_smithy_types::retry::ErrorKind;
 use hyper::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{
     CaptureConnection, Connected, Connection, HttpConnector as TcpConnector, HttpInfo,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+
+/// The proxy variable set in the environment, if any: the SDK's own client reads these
+/// (with `NO_PROXY`), this one does not.
+pub fn proxy_in_environment() -> Option<&'static str> {
+    [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .into_iter()
+    .find(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+}
 
 /// The SDK's HTTP client for this daemon: see the module doc. One connection pool per
 /// pair of connect and read timeouts the SDK asks for (this daemon asks for one).
@@ -59,7 +82,15 @@ impl QuickAckClient {
     pub fn new() -> Result<Self, rustls::Error> {
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
-        roots.add_parsable_certificates(native.certs);
+        for error in &native.errors {
+            tracing::warn!(%error, "cannot read a system root certificate");
+        }
+        let (valid, _) = roots.add_parsable_certificates(native.certs);
+        if valid == 0 {
+            tracing::warn!(
+                "no system root certificates (install ca-certificates): HTTPS endpoints will fail their TLS handshake"
+            );
+        }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
@@ -91,26 +122,27 @@ impl HttpClient for QuickAckClient {
         let mut connectors = self.connectors.write().unwrap_or_else(|e| e.into_inner());
         connectors
             .entry(key)
-            .or_insert_with(|| SharedHttpConnector::new(Pool::new(&self.tls, key.0, key.1)))
+            .or_insert_with(|| SharedHttpConnector::new(Connector::new(&self.tls, key.0, key.1)))
             .clone()
     }
 }
 
-/// A pool of keep-alive connections and the read timeout of its requests.
-struct Pool {
-    client: Client<HttpsConnector<QuickAckConnector>, SdkBody>,
+/// The SDK's connector: a hyper client (its pool of keep-alive connections) and the read
+/// timeout of its requests.
+struct Connector {
+    client: Client<ConnectWithin, SdkBody>,
     read_timeout: Option<Duration>,
 }
 
-impl std::fmt::Debug for Pool {
+impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
+        f.debug_struct("Connector")
             .field("read_timeout", &self.read_timeout)
             .finish_non_exhaustive()
     }
 }
 
-impl Pool {
+impl Connector {
     fn new(
         tls: &Arc<rustls::ClientConfig>,
         connect_timeout: Option<Duration>,
@@ -118,18 +150,21 @@ impl Pool {
     ) -> Self {
         let mut tcp = TcpConnector::new();
         tcp.set_nodelay(true);
-        tcp.set_connect_timeout(connect_timeout);
         // The TLS layer above decides between http and https.
         tcp.enforce_http(false);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(rustls::ClientConfig::clone(tls))
             .https_or_http()
             .enable_http1()
-            .wrap_connector(QuickAckConnector(tcp));
+            .wrap_connector(QuickAckTcp(tcp));
+        let connect = ConnectWithin {
+            https,
+            limit: connect_timeout,
+        };
         let client = Client::builder(TokioExecutor::new())
             // Without a timer the pool never closes idle connections.
             .pool_timer(TokioTimer::new())
-            .build(https);
+            .build(connect);
         Self {
             client,
             read_timeout,
@@ -137,7 +172,7 @@ impl Pool {
     }
 }
 
-impl HttpConnector for Pool {
+impl HttpConnector for Connector {
     fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
         let mut request = match request.try_into_http1x() {
             Ok(request) => request,
@@ -196,6 +231,9 @@ fn connection_metadata(captured: &CaptureConnection) -> Option<ConnectionMetadat
 /// [`super::Failure`]) see the same kinds: a timeout, our request body failing (`user`),
 /// the network (`io`: refused, reset, closed), or a message cut short (transient).
 fn connector_error(err: BoxError) -> ConnectorError {
+    if find_source::<ConnectTimedOut>(err.as_ref()).is_some() {
+        return ConnectorError::timeout(err);
+    }
     if let Some(hyper_error) = find_source::<hyper::Error>(err.as_ref()) {
         if hyper_error.is_timeout() {
             return ConnectorError::timeout(err);
@@ -235,11 +273,46 @@ fn find_source<'a, E: std::error::Error + 'static>(
     None
 }
 
+/// The connect timeout: resolving, TCP and the TLS handshake together, as the SDK's client
+/// times it (hyper's own covers only TCP, split between the addresses a name resolves to).
+#[derive(Clone)]
+struct ConnectWithin {
+    https: HttpsConnector<QuickAckTcp>,
+    limit: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no connection within the connect timeout of {0:?}")]
+struct ConnectTimedOut(Duration);
+
+impl tower_service::Service<Uri> for ConnectWithin {
+    type Response = MaybeHttpsStream<QuickAckStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.https.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.https.call(uri);
+        let limit = self.limit;
+        Box::pin(async move {
+            match limit {
+                Some(limit) => tokio::time::timeout(limit, connecting)
+                    .await
+                    .map_err(|_| Box::new(ConnectTimedOut(limit)) as BoxError)?,
+                None => connecting.await,
+            }
+        })
+    }
+}
+
 /// hyper's TCP connector, handing out [`QuickAckStream`]s.
 #[derive(Clone)]
-struct QuickAckConnector(TcpConnector);
+struct QuickAckTcp(TcpConnector);
 
-impl tower_service::Service<Uri> for QuickAckConnector {
+impl tower_service::Service<Uri> for QuickAckTcp {
     type Response = QuickAckStream;
     type Error = <TcpConnector as tower_service::Service<Uri>>::Error;
     type Future = Pin<Box<dyn Future<Output = Result<QuickAckStream, Self::Error>> + Send>>;
@@ -254,8 +327,8 @@ impl tower_service::Service<Uri> for QuickAckConnector {
     }
 }
 
-/// A TCP stream that acknowledges received data before each read, so that a server
-/// holding its next segment until this one is acknowledged (Nagle) never waits for
+/// A TCP stream that acknowledges received data whenever hyper asks for more, so that a
+/// server holding its next segment until this one is acknowledged (Nagle) never waits for
 /// Linux's delayed ACK. See the module doc.
 struct QuickAckStream(TokioIo<TcpStream>);
 
@@ -267,6 +340,7 @@ impl Read for QuickAckStream {
     ) -> Poll<std::io::Result<()>> {
         // Not permanent in Linux: the socket drops back into delayed ACKs as soon as it
         // sends again, so it is set before every read. A failure only costs the delay.
+        #[cfg(target_os = "linux")]
         let _ = rustix::net::sockopt::set_tcp_quickack(self.0.inner(), true);
         Pin::new(&mut self.0).poll_read(cx, buf)
     }
@@ -354,9 +428,26 @@ mod tests {
         HttpRequest::try_from(request).unwrap()
     }
 
-    fn pool(read_timeout: Option<Duration>) -> Pool {
+    fn connector(connect_timeout: Duration, read_timeout: Option<Duration>) -> Connector {
         let client = QuickAckClient::new().expect("TLS set-up");
-        Pool::new(&client.tls, Some(Duration::from_secs(5)), read_timeout)
+        Connector::new(&client.tls, Some(connect_timeout), read_timeout)
+    }
+
+    fn pool(read_timeout: Option<Duration>) -> Connector {
+        connector(Duration::from_secs(5), read_timeout)
+    }
+
+    /// Accepts connections and keeps them open without a word.
+    async fn silent_server() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                open.push(conn);
+            }
+        });
+        addr
     }
 
     /// Keep-alive: the second request goes over the first one's connection.
@@ -414,18 +505,43 @@ mod tests {
         );
 
         // Accepted, never answered: the read timeout.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let silent = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut open = Vec::new();
-            while let Ok((conn, _)) = listener.accept().await {
-                open.push(conn);
-            }
-        });
+        let silent = silent_server().await;
         let err = pool(Some(Duration::from_millis(200)))
             .call(get(format!("http://{silent}/b/k")))
             .await
             .unwrap_err();
         assert!(err.is_timeout(), "no answer: {err:?}");
+
+        // TCP accepted, the TLS handshake never answered: the connect timeout covers it
+        // (hyper's own would stop at TCP and leave it to the read timeout).
+        let err = connector(Duration::from_millis(200), None)
+            .call(get(format!("https://{silent}/b/k")))
+            .await
+            .unwrap_err();
+        assert!(err.is_timeout(), "no TLS handshake: {err:?}");
+    }
+
+    /// A request body that fails (the file being uploaded vanished) is ours, not the
+    /// network's: `user`, which [`super::super::Failure::LocalBody`] relies on.
+    #[tokio::test]
+    async fn a_failing_request_body_is_the_users_error() {
+        use http_body::Frame;
+        let silent = silent_server().await;
+        let frames: Vec<Result<Frame<bytes::Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(bytes::Bytes::from_static(b"first bytes"))),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the file vanished",
+            )),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let request = hyper::Request::put(format!("http://{silent}/b/k"))
+            .body(SdkBody::from_body_1_x(body))
+            .unwrap();
+        let err = pool(None)
+            .call(HttpRequest::try_from(request).unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.is_user(), "a failing body: {err:?}");
     }
 }
