@@ -670,11 +670,13 @@ fn write_at_offsets(
     size: u64,
 ) -> std::io::Result<()> {
     let mut written = 0u64;
+    let mut writeback = localfs::Writeback::default();
     loop {
         match rx.blocking_recv() {
             Some(Placed::At(offset, chunk)) => {
                 file.write_all_at(&chunk, offset)?;
                 written += chunk.len() as u64;
+                writeback.wrote(file, chunk.len() as u64);
             }
             Some(Placed::End) => break,
             None => {
@@ -821,12 +823,14 @@ fn write_and_hash(
     let mut file = std::io::BufWriter::with_capacity(256 << 10, file);
     let mut hasher = Md5::new();
     let mut size = 0u64;
+    let mut writeback = localfs::Writeback::default();
     loop {
         match rx.blocking_recv() {
             Some(Piece::Chunk(chunk)) => {
                 hasher.update(&chunk);
                 size += chunk.len() as u64;
                 file.write_all(&chunk)?;
+                writeback.wrote(file.get_ref(), chunk.len() as u64);
             }
             Some(Piece::End) => break,
             None => {

@@ -95,6 +95,42 @@ pub fn read_small(path: &Path, size: u64) -> io::Result<(Vec<u8>, [u8; 16])> {
     Ok((bytes, md5))
 }
 
+/// Bytes written between two nudges of [`Writeback`].
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// Starts the disk on a big download's pages while the rest still arrives, so that the
+/// fsync before its rename finds little left to write.
+///
+/// Why: the fsync that makes a delivery durable wrote the whole file at the end. For 1 GiB
+/// from the local Ceph RGW that was 0.57 s of a 2.45 s download, which s5cmd (no fsync)
+/// does not pay. `sync_file_range(SYNC_FILE_RANGE_WRITE)` only queues the dirty pages for
+/// writing and returns; it is a hint and proves nothing: the fsync still decides.
+#[derive(Debug, Default)]
+pub struct Writeback {
+    since: u64,
+}
+
+impl Writeback {
+    /// Notes `n` more bytes written into `file`; every [`WRITEBACK_EVERY`] of them, queues
+    /// the file's dirty pages for writing.
+    pub fn wrote(&mut self, file: &File, n: u64) {
+        self.since += n;
+        if self.since < WRITEBACK_EVERY {
+            return;
+        }
+        self.since = 0;
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: sync_file_range reads nothing of ours but the open descriptor,
+            // which `file` keeps open for the call. Its result is a hint's: ignored.
+            unsafe {
+                libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        }
+    }
+}
+
 /// Lets `io::copy` feed a hasher with its own buffer.
 struct HashWriter<'a>(&'a mut Md5);
 
