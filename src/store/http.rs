@@ -77,8 +77,9 @@ pub struct QuickAckClient {
 type Timeouts = (Option<Duration>, Option<Duration>);
 
 impl QuickAckClient {
-    /// Loads the system's root certificates (those it can parse: a missing or broken
-    /// store fails the TLS handshake later, with the server's name, not the start).
+    /// Loads the system's root certificates, those it can parse. A missing or broken store
+    /// is a warning, not a failure: a plain-http endpoint (the local default) needs none,
+    /// and an https one then fails its TLS handshake with the server's name.
     pub fn new() -> Result<Self, rustls::Error> {
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
