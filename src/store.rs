@@ -6,7 +6,8 @@
 //! its own uploads back. Every upload carries the configured canned ACL and, when set,
 //! the expected bucket owner. Every failure becomes an [`Error`] with a [`Class`]
 //! decided by [`classify`] alone, and a hint naming the setting that likely fixes it.
-//! Its submodule [`listing`] reads listing pages more cheaply than the SDK does.
+//! Its submodules: [`listing`] reads listing pages more cheaply than the SDK does, and
+//! [`http`] is the HTTP client under the calls (the SDK's parts, with quick ACKs).
 
 mod http;
 mod listing;

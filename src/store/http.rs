@@ -434,7 +434,8 @@ mod tests {
         Connector::new(&client.tls, Some(connect_timeout), read_timeout)
     }
 
-    fn pool(read_timeout: Option<Duration>) -> Connector {
+    /// A connector with a 5 s connect timeout.
+    fn connector_reading(read_timeout: Option<Duration>) -> Connector {
         connector(Duration::from_secs(5), read_timeout)
     }
 
@@ -455,7 +456,7 @@ mod tests {
     #[tokio::test]
     async fn responses_come_through_the_pool() {
         let (addr, accepted) = serve_in_two_writes().await;
-        let pool = pool(None);
+        let pool = connector_reading(None);
         for _ in 0..2 {
             let response = pool.call(get(format!("http://{addr}/b/k"))).await.unwrap();
             assert_eq!(response.status().as_u16(), 200);
@@ -480,7 +481,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let closed = listener.local_addr().unwrap();
         drop(listener);
-        let err = pool(None)
+        let err = connector_reading(None)
             .call(get(format!("http://{closed}/b/k")))
             .await
             .unwrap_err();
@@ -496,7 +497,7 @@ mod tests {
                 drop(conn);
             }
         });
-        let err = pool(None)
+        let err = connector_reading(None)
             .call(get(format!("http://{hangs_up}/b/k")))
             .await
             .unwrap_err();
@@ -507,7 +508,7 @@ mod tests {
 
         // Accepted, never answered: the read timeout.
         let silent = silent_server().await;
-        let err = pool(Some(Duration::from_millis(200)))
+        let err = connector_reading(Some(Duration::from_millis(200)))
             .call(get(format!("http://{silent}/b/k")))
             .await
             .unwrap_err();
@@ -539,7 +540,7 @@ mod tests {
         let request = hyper::Request::put(format!("http://{silent}/b/k"))
             .body(SdkBody::from_body_1_x(body))
             .unwrap();
-        let err = pool(None)
+        let err = connector_reading(None)
             .call(HttpRequest::try_from(request).unwrap())
             .await
             .unwrap_err();
