@@ -404,10 +404,7 @@ async fn probe(config: &Config, store: &Store) -> Outcome {
     if let Err(err) = std::fs::write(&path, &body) {
         return fail(format!("cannot write {}: {err}", path.display()), None);
     }
-    let md5: [u8; 16] = {
-        use md5::Digest;
-        md5::Md5::digest(body.as_bytes()).into()
-    };
+    let md5 = crate::md5::Md5::digest(body.as_bytes());
     let result = store.put_object(&key, &path, body.len() as u64, &md5).await;
     let _ = std::fs::remove_file(&path);
     let acl = match &config.s3.acl {

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use md5::{Digest, Md5};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +28,7 @@ use crate::keys::{ETag, ObjectKey, RelPath};
 use crate::ledger::{self, Ledger, Received, Rejected};
 use crate::localfs::{self, InboxRoot};
 use crate::logging::{Direction, Transfer};
+use crate::md5::Md5;
 use crate::plan::{self, Delivered, DownloadShape, Landing};
 use crate::store::{ByteStream, Class, Listed, Store};
 
@@ -809,7 +809,7 @@ fn write_chunks(
         file.write_all(chunk)?;
     }
     file.sync_all()?;
-    Ok((hasher.finalize().into(), size))
+    Ok((hasher.finalize(), size))
 }
 
 /// Writes the chunks arriving on `rx` into `file`, hashing them on the way, and fsyncs once
@@ -843,7 +843,7 @@ fn write_and_hash(
     }
     let file = file.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    Ok((hasher.finalize().into(), size))
+    Ok((hasher.finalize(), size))
 }
 
 /// Renames the verified temp file to its place (or beside a file the user changed) and

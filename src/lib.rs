@@ -21,6 +21,7 @@ pub mod ledger;
 pub mod limits;
 pub mod localfs;
 pub mod logging;
+pub mod md5;
 pub mod memory;
 pub mod metrics;
 pub mod outbox;

@@ -11,13 +11,13 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use futures_util::StreamExt;
-use md5::{Digest, Md5};
 
 use crate::config::{self, AfterUpload};
 use crate::keys::{ETag, ObjectKey};
 use crate::ledger::{self, Sent, Upload, UploadedPart};
 use crate::localfs;
 use crate::logging::{Direction, Transfer};
+use crate::md5::Md5;
 use crate::outbox::Outbox;
 use crate::plan::{self, FileStamp, UploadShape};
 use crate::store::{self, Class};
@@ -432,9 +432,9 @@ fn composite_checksum(parts: &[UploadedPart]) -> String {
         let bytes = (0..part.md5.len())
             .step_by(2)
             .filter_map(|i| u8::from_str_radix(part.md5.get(i..i + 2)?, 16).ok());
-        all.update(bytes.collect::<Vec<u8>>());
+        all.update(&bytes.collect::<Vec<u8>>());
     }
-    format!("{}-{}", plan::hex(&all.finalize().into()), parts.len())
+    format!("{}-{}", plan::hex(&all.finalize()), parts.len())
 }
 
 /// AccessDenied on a part after the upload was created: the ACL-condition policy trap.

@@ -940,7 +940,7 @@ fn running_out_of_inotify_watches_is_logged_with_the_fix_and_rescans_carry_on() 
 /// Content-MD5 of exactly its bytes; the ACL goes on CreateMultipartUpload.
 #[test]
 fn large_files_go_in_parts_each_with_its_content_md5() {
-    use md5::{Digest, Md5};
+    use md5_reference::{Digest, Md5};
     let mut ex = Exchange::new();
     let big = random_bytes(12 * MIB + 4321, 131);
     write_file(&ex.outbox.join("big.bin"), &big);
