@@ -211,10 +211,12 @@ impl Outbox {
         size: u64,
     ) -> Result<(Option<ETag>, String), UploadError> {
         if size <= IN_MEMORY_MAX {
-            // Read here, on the runtime's thread, as the file's stat was: one open and
-            // one read of at most 64 KiB, a few microseconds where the handing over to a
-            // blocking thread and back cost two thread switches per file.
-            let (bytes, md5) = localfs::read_small(path, size).map_err(UploadError::Local)?;
+            let path = path.to_owned();
+            let (bytes, md5) =
+                tokio::task::spawn_blocking(move || localfs::read_small(&path, size))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                    .map_err(UploadError::Local)?;
             let etag = self.store.put_object_bytes(key, bytes.into(), &md5).await?;
             return Ok((etag, plan::hex(&md5)));
         }
