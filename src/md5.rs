@@ -12,6 +12,13 @@ use std::mem::MaybeUninit;
 /// [`Md5::finalize`].
 pub struct Md5(aws_lc_sys::MD5_CTX);
 
+// Hashing runs on blocking threads and across awaits: the context (plain integers, no
+// pointers) must stay `Send`; this fails to compile if a binding update changes that.
+const _: () = {
+    const fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<Md5>();
+};
+
 impl Md5 {
     pub fn new() -> Self {
         let mut ctx = MaybeUninit::<aws_lc_sys::MD5_CTX>::uninit();
