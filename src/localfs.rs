@@ -66,28 +66,34 @@ pub fn md5_range(path: &Path, offset: u64, len: u64) -> io::Result<[u8; 16]> {
     use std::io::{Seek, SeekFrom};
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(offset))?;
-    let mut hasher = Md5::new();
-    // Reads of up to 256 KiB: `io::copy`'s 8 KiB would be 2,048 reads per 16 MiB part.
-    let mut buf = vec![0u8; usize::try_from(len.clamp(1, HASH_READ)).unwrap_or(1)];
-    let mut copied = 0u64;
-    while copied < len {
-        let want = usize::try_from((len - copied).min(buf.len() as u64)).unwrap_or(buf.len());
-        let n = match file.read(&mut buf[..want]) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        copied += n as u64;
-    }
+    let (md5, copied) = md5_of(file.take(len), len)?;
     if copied != len {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             format!("the file shrank while it was read ({copied} of {len} bytes)"),
         ));
     }
-    Ok(hasher.finalize())
+    Ok(md5)
+}
+
+/// The MD5 of everything `reader` holds and its length, in reads of up to [`HASH_READ`]
+/// bytes, fewer if `size_hint` says the whole is smaller: `io::copy`'s 8 KiB would be
+/// 2,048 reads per 16 MiB part.
+fn md5_of(mut reader: impl Read, size_hint: u64) -> io::Result<([u8; 16], u64)> {
+    let mut buf = vec![0u8; usize::try_from(size_hint.clamp(1, HASH_READ)).unwrap_or(1)];
+    let mut hasher = Md5::new();
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((hasher.finalize(), total))
 }
 
 /// Reads a whole file of `size` bytes (as its stamp said) and its MD5. Fails if the
@@ -144,19 +150,6 @@ impl Writeback {
                 libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
             }
         }
-    }
-}
-
-/// Lets `io::copy` feed a hasher with its own buffer.
-struct HashWriter<'a>(&'a mut Md5);
-
-impl io::Write for HashWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -313,10 +306,8 @@ impl InboxRoot {
 }
 
 /// MD5 of a whole open file.
-pub fn md5_file(mut file: File) -> io::Result<[u8; 16]> {
-    let mut hasher = Md5::new();
-    io::copy(&mut file, &mut HashWriter(&mut hasher))?;
-    Ok(hasher.finalize())
+pub fn md5_file(file: File) -> io::Result<[u8; 16]> {
+    md5_of(file, HASH_READ).map(|(md5, _)| md5)
 }
 
 /// Whether two open files hold the same bytes (read from where each stands); stops at
@@ -573,5 +564,7 @@ mod tests {
         );
         let err = md5_range(&p, offset as u64, data.len() as u64).expect_err("past the end");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let whole = md5_file(File::open(&p).expect("open")).expect("md5");
+        assert_eq!(whole, Md5::digest(&data));
     }
 }
