@@ -364,7 +364,7 @@ impl Workers {
                 transfer: config.transfer.clone(),
                 store,
                 ledger: Arc::clone(ledger),
-                root,
+                root: Arc::new(root),
                 poll_now: Default::default(),
                 range_slots: Semaphore::new(crate::inbox::RANGES_IN_FLIGHT_TOTAL),
                 folder_syncs: crate::group_commit::FolderSyncs::default(),

@@ -57,7 +57,7 @@ pub struct Inbox {
     pub transfer: config::Transfer,
     pub store: Store,
     pub ledger: Arc<Ledger>,
-    pub root: InboxRoot,
+    pub root: Arc<InboxRoot>,
     /// Notified (SIGUSR1) to poll now instead of at the end of the interval.
     pub poll_now: tokio::sync::Notify,
     /// [`RANGES_IN_FLIGHT_TOTAL`] slots, one taken by each ranged GET while it runs.
@@ -424,19 +424,13 @@ impl Inbox {
         range: u64,
     ) -> Result<Written, DownloadError> {
         let size = object.size;
-        let (name, file) = self.root.create_temp().map_err(|e| DownloadError::Failed {
-            error: format!(
-                "cannot create a temporary file in {}: {e}",
-                self.root.path().display()
-            ),
-            quiet: false,
-        })?;
-        let temp = TempFile {
-            root: &self.root,
-            name: Some(name),
-        };
         let (tx, rx) = tokio::sync::mpsc::channel::<Placed>(WRITE_QUEUE * RANGES_IN_FLIGHT);
-        let writer = tokio::task::spawn_blocking(move || write_at_offsets(&file, rx, size));
+        let root = Arc::clone(&self.root);
+        let writer = tokio::task::spawn_blocking(move || {
+            let (temp, file) = TempFile::create(root)?;
+            write_at_offsets(&file, rx, size)?;
+            Ok(temp)
+        });
         let mut ranges = futures_util::stream::iter(plan::byte_ranges(size, range))
             .map(|r| {
                 let tx = tx.clone();
@@ -470,7 +464,7 @@ impl Inbox {
             error: format!("cannot write into {}: {e}", self.root.path().display()),
             quiet: false,
         };
-        match failure {
+        let temp = match failure {
             // The writer stopped first (disk full, read-only): its error is the cause.
             Some(RangeError::WriterGone) => {
                 return Err(written.err().map_or_else(
@@ -483,7 +477,7 @@ impl Inbox {
             }
             Some(RangeError::Failed(err)) => return Err(err),
             None => written.map_err(disk)?,
-        }
+        };
         Ok(Written {
             temp: temp.keep(),
             md5: None,
@@ -557,25 +551,16 @@ impl Inbox {
         &self,
         mut download: crate::store::Download,
     ) -> Result<(String, [u8; 16], u64), String> {
-        let (name, file) = self.root.create_temp().map_err(|e| {
-            format!(
-                "cannot create a temporary file in {}: {e}",
-                self.root.path().display()
-            )
-        })?;
-        let temp = TempFile {
-            root: &self.root,
-            name: Some(name),
-        };
+        let root = Arc::clone(&self.root);
         let root_path = self.root.path().display().to_string();
         let ended = match download.content_length {
             Some(length) if length <= SMALL_BODY => {
-                gather_then_write(file, &mut download.body, length).await
+                gather_then_write(root, &mut download.body, length).await
             }
-            _ => stream_to(file, &mut download.body).await,
+            _ => stream_to(root, &mut download.body).await,
         };
-        let (md5, size) = match ended {
-            BodyEnd::Written { md5, size } => (md5, size),
+        let (temp, md5, size) = match ended {
+            BodyEnd::Written { temp, md5, size } => (temp, md5, size),
             BodyEnd::BrokeOff(reason) => return Err(reason),
             BodyEnd::Disk(e) => return Err(format!("cannot write into {root_path}: {e}")),
         };
@@ -592,18 +577,44 @@ impl Inbox {
 }
 
 /// A download's temp file, removed on drop unless [`TempFile::keep`] hands it on.
-struct TempFile<'a> {
-    root: &'a InboxRoot,
+///
+/// It is created by the blocking thread that writes it, never on the runtime's threads: a
+/// create holds the temp folder's lock and can take long (on this machine's journal-less
+/// ext4, 0.6-1.2 ms where many files were deleted in the last minutes, against 25 us),
+/// and on a runtime thread it would hold up every other transfer. It owns its handle on
+/// the inbox so that the thread can hand it back: when the download was abandoned
+/// meanwhile (its task aborted at the end of the shutdown grace), tokio drops the returned
+/// value, and with it the file.
+struct TempFile {
+    root: Arc<InboxRoot>,
     name: Option<String>,
 }
 
-impl TempFile<'_> {
+impl TempFile {
+    /// Creates a new, empty temp file. Blocking.
+    fn create(root: Arc<InboxRoot>) -> std::io::Result<(Self, std::fs::File)> {
+        let (name, file) = root.create_temp().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot create a temporary file in {}: {e}",
+                    localfs::TEMP_DIR
+                ),
+            )
+        })?;
+        let temp = Self {
+            root,
+            name: Some(name),
+        };
+        Ok((temp, file))
+    }
+
     fn keep(mut self) -> String {
         self.name.take().unwrap_or_default()
     }
 }
 
-impl Drop for TempFile<'_> {
+impl Drop for TempFile {
     fn drop(&mut self) {
         if let Some(name) = &self.name {
             self.root.remove_temp(name);
@@ -715,7 +726,11 @@ const SMALL_BODY: u64 = 256 << 10;
 /// How writing a body into its temp file ended.
 enum BodyEnd {
     /// Written whole and fsynced.
-    Written { md5: [u8; 16], size: u64 },
+    Written {
+        temp: TempFile,
+        md5: [u8; 16],
+        size: u64,
+    },
     /// The body broke off (or was longer than announced): why.
     BrokeOff(String),
     /// The disk (or the writer thread) failed.
@@ -724,10 +739,10 @@ enum BodyEnd {
 
 impl BodyEnd {
     fn from_writer(
-        written: Result<std::io::Result<([u8; 16], u64)>, tokio::task::JoinError>,
+        written: Result<std::io::Result<(TempFile, [u8; 16], u64)>, tokio::task::JoinError>,
     ) -> Self {
         match written {
-            Ok(Ok((md5, size))) => Self::Written { md5, size },
+            Ok(Ok((temp, md5, size))) => Self::Written { temp, md5, size },
             Ok(Err(e)) => Self::Disk(e),
             Err(e) => Self::Disk(std::io::Error::other(format!(
                 "the writer of the download failed: {e}"
@@ -741,7 +756,7 @@ impl BodyEnd {
 /// work, not while it waits for the network. With 128 deliveries of a few KiB at once,
 /// a writer thread each while waiting made 150 to 190 threads and a 256 KiB buffer each
 /// (the daemon grew to 170 MiB over 100,000 of them).
-async fn gather_then_write(file: std::fs::File, body: &mut ByteStream, length: u64) -> BodyEnd {
+async fn gather_then_write(root: Arc<InboxRoot>, body: &mut ByteStream, length: u64) -> BodyEnd {
     let mut chunks = Vec::with_capacity(1);
     let mut gathered = 0u64;
     while let Some(chunk) = body.next().await {
@@ -761,7 +776,7 @@ async fn gather_then_write(file: std::fs::File, body: &mut ByteStream, length: u
             }
         }
     }
-    BodyEnd::from_writer(tokio::task::spawn_blocking(move || write_chunks(file, &chunks)).await)
+    BodyEnd::from_writer(tokio::task::spawn_blocking(move || write_chunks(root, &chunks)).await)
 }
 
 /// Streams a body of unknown or large size: read here, written, hashed and fsynced on a
@@ -769,9 +784,9 @@ async fn gather_then_write(file: std::fs::File, body: &mut ByteStream, length: u
 /// runtime's workers never block (a `block_in_place` per chunk cost a thread hand-off
 /// per chunk: 35 s for 1 GiB). Only an explicit `End` makes the writer fsync: a body
 /// that broke off (or a task dropped mid-way) is not worth syncing.
-async fn stream_to(file: std::fs::File, body: &mut ByteStream) -> BodyEnd {
+async fn stream_to(root: Arc<InboxRoot>, body: &mut ByteStream) -> BodyEnd {
     let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(WRITE_QUEUE);
-    let writer = tokio::task::spawn_blocking(move || write_and_hash(file, rx));
+    let writer = tokio::task::spawn_blocking(move || write_and_hash(root, rx));
     let mut broke_off = None;
     while let Some(chunk) = body.next().await {
         match chunk {
@@ -796,11 +811,12 @@ async fn stream_to(file: std::fs::File, body: &mut ByteStream) -> BodyEnd {
     broke_off.map_or(written, BodyEnd::BrokeOff)
 }
 
-/// Writes gathered chunks, hashing them, and fsyncs.
+/// Writes gathered chunks into a new temp file, hashing them, and fsyncs.
 fn write_chunks(
-    mut file: std::fs::File,
+    root: Arc<InboxRoot>,
     chunks: &[bytes::Bytes],
-) -> std::io::Result<([u8; 16], u64)> {
+) -> std::io::Result<(TempFile, [u8; 16], u64)> {
+    let (temp, mut file) = TempFile::create(root)?;
     let mut hasher = Md5::new();
     let mut size = 0u64;
     for chunk in chunks {
@@ -809,17 +825,18 @@ fn write_chunks(
         file.write_all(chunk)?;
     }
     file.sync_all()?;
-    Ok((hasher.finalize(), size))
+    Ok((temp, hasher.finalize(), size))
 }
 
-/// Writes the chunks arriving on `rx` into `file`, hashing them on the way, and fsyncs once
+/// Writes the chunks arriving on `rx` into a new temp file, hashing them on the way, and fsyncs once
 /// the body is complete; returns the MD5 and the length. Without an `End` (the body broke
 /// off, the download was abandoned) it stops with `Interrupted` and syncs nothing. Runs on
 /// a blocking thread.
 fn write_and_hash(
-    file: std::fs::File,
+    root: Arc<InboxRoot>,
     mut rx: tokio::sync::mpsc::Receiver<Piece>,
-) -> std::io::Result<([u8; 16], u64)> {
+) -> std::io::Result<(TempFile, [u8; 16], u64)> {
+    let (temp, file) = TempFile::create(root)?;
     let mut file = std::io::BufWriter::with_capacity(256 << 10, file);
     let mut hasher = Md5::new();
     let mut size = 0u64;
@@ -843,7 +860,7 @@ fn write_and_hash(
     }
     let file = file.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    Ok((hasher.finalize(), size))
+    Ok((temp, hasher.finalize(), size))
 }
 
 /// Renames the verified temp file to its place (or beside a file the user changed) and
