@@ -259,10 +259,19 @@ dir = "{base}/log"
         self.stderr.close()
 
 
+# Prefixes of objects to delete at the end of the run (see delete_later).
+LATER = []
+
+
+def delete_later(prefix):
+    """Deletes a round's objects at the end of the run, not between rounds: RGW's garbage
+    collection of a deleted 1 GiB object runs a minute later (tests/interop/radosgw.sh) and
+    takes the OSD's CPU and disk from whatever is measured then. The gateway's one OSD is a
+    48 GiB file and the big scenario writes 5 GiB a round with all peers: 8 rounds fit."""
+    LATER.append(prefix)
+
+
 def delete_prefix(client, prefix):
-    """Deletes a round's objects once it is measured (not timed): the gateway's one OSD is a
-    48 GiB file, and the big scenario writes 5 GiB a round. RGW frees the space after its
-    garbage collection (a minute, tests/interop/radosgw.sh)."""
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
         if keys:
@@ -406,9 +415,9 @@ def scenario_big(work, client, summary):
         peak.append(proc_status(d.pid, "VmHWM"))
         d.stop()
         set_aside(work, d.base)
-        delete_prefix(client, f"Delivery/big-{tag}/")
+        delete_later(f"Delivery/big-{tag}/")
         for prefix in ("Submissions/s5-", "Submissions/rc-", "Submissions/aws-", "Submissions/big-"):
-            delete_prefix(client, f"{prefix}{tag}")
+            delete_later(f"{prefix}{tag}")
     summary["big_up"] = report("1 GiB up (outbox -> object complete)", up)
     summary["big_down"] = report("1 GiB down (delivery -> inbox)", down)
     summary["big_peak_rss_mib"] = max(peak)
@@ -607,7 +616,7 @@ def scenario_single(work, client, summary):
                 after=lambda: set_aside(work, dl),
             )
             theirs.append(times["s5cmd"][0] / SINGLE_FILES)
-        delete_prefix(client, prefix)
+        delete_later(prefix)
         set_aside(work, d.base)
     results = {"s3-exchange": ours}
     if theirs:
@@ -639,8 +648,12 @@ def main():
         if us > 200:
             print("  slow: files were deleted near it in the last minutes (see set_aside in benches/bench.py);\n"
                   "  scenarios that create many files will be slowed and noisy: wait 5 minutes, or set BENCH_DIR")
-        for s in scenarios:
-            {"big": scenario_big, "small": scenario_small, "latency": scenario_latency, "poll": scenario_poll_and_idle, "single": scenario_single}[s](work, client, summary)
+        try:
+            for s in scenarios:
+                {"big": scenario_big, "small": scenario_small, "latency": scenario_latency, "poll": scenario_poll_and_idle, "single": scenario_single}[s](work, client, summary)
+        finally:
+            for prefix in LATER:
+                delete_prefix(client, prefix)
     print("\nsummary (JSON):", json.dumps(summary, sort_keys=True))
 
 
