@@ -301,10 +301,16 @@ impl Inbox {
             self.transfer.multipart_threshold,
             self.transfer.part_size,
         );
+        // Cancelled when this fetch is dropped (its task aborted at the end of the shutdown
+        // grace): its writer thread, which outlives it, then removes the file instead of
+        // landing it with no record to follow.
+        let wanted = CancellationToken::new();
+        let _abandon_on_drop = wanted.clone().drop_guard();
         let dest = Destination {
             root: Arc::clone(&self.root),
             rel,
             record,
+            wanted,
         };
         let downloaded = match (shape, object.etag.as_ref()) {
             (DownloadShape::Ranged { range }, Some(etag)) => {
@@ -399,8 +405,8 @@ impl Inbox {
     /// written at their offsets into a new temp file by one blocking writer thread, which
     /// fsyncs and lands it only once every range arrived whole. Any failure (a range
     /// refused, cut short, a 412) stops the others and removes the temp file, as does the
-    /// task's abort at the end of the shutdown grace. No MD5 is computed: nothing could be
-    /// checked against it.
+    /// task's abort at the end of the shutdown grace (see [`Destination::wanted`]). No MD5
+    /// is computed: nothing could be checked against it.
     async fn download_ranged(
         &self,
         object: &Listed,
@@ -409,11 +415,15 @@ impl Inbox {
         dest: Destination,
     ) -> Result<Downloaded, DownloadError> {
         let size = object.size;
+        // Created before any GET: an inbox that cannot take it costs no request.
+        let root = Arc::clone(&self.root);
+        let (temp, file) =
+            joined(tokio::task::spawn_blocking(move || TempFile::create(root)).await)
+                .map_err(|e| self.not_written(e))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Placed>(WRITE_QUEUE * RANGES_IN_FLIGHT);
         let writer = tokio::task::spawn_blocking(move || -> Result<Landed, WriteError> {
-            let (temp, file) = TempFile::create(Arc::clone(&dest.root))?;
             write_at_offsets(&file, rx, size)?;
-            Ok(dest.land(temp, None, size)?)
+            dest.land(temp, None, size)
         });
         let mut ranges = futures_util::stream::iter(plan::byte_ranges(size, range))
             .map(|r| {
@@ -520,7 +530,7 @@ impl Inbox {
     /// Streams the body into a new temp file, checks its length and (where the ETag is an
     /// MD5) its content, fsyncs it and lands it at `dest`: everything but the network on
     /// one blocking thread. The temp file is removed on any failure, and also when the
-    /// download is abandoned (its task aborted at the end of the shutdown grace).
+    /// download is abandoned (see [`Destination::wanted`]).
     async fn write_and_land(
         &self,
         mut download: crate::store::Download,
@@ -547,31 +557,77 @@ impl Inbox {
                 error,
                 quiet: false,
             },
+            WriteError::Create(e) => DownloadError::Failed {
+                error: format!(
+                    "cannot create a temporary file in {}: {e}",
+                    self.root.path().join(localfs::TEMP_DIR).display()
+                ),
+                quiet: false,
+            },
             WriteError::Disk(e) => DownloadError::Failed {
                 error: format!("cannot write into {}: {e}", self.root.path().display()),
                 quiet: false,
             },
             WriteError::Land(e) => DownloadError::Land(e),
+            // Nobody waits for this one any more.
+            WriteError::Abandoned => DownloadError::Failed {
+                error: "abandoned at the end of the shutdown grace".into(),
+                quiet: true,
+            },
         }
     }
 }
 
 /// Where a download goes once it is written whole, checked and fsynced. The blocking
 /// thread that wrote it lands it too, in the same call: a second blocking call for the
-/// landing (`block_in_place`) cost 1.2 more context switches per delivery (1,000 x 4 KiB
-/// down: 13.1-13.5k against 12.0k).
+/// landing (`block_in_place`) cost about 1.3 more context switches per delivery (1,000 x
+/// 4 KiB down: 13.1-13.5k against 12.0k).
 struct Destination {
     root: Arc<InboxRoot>,
     rel: RelPath,
     /// What the ledger holds for the key, if anything (see [`plan::landing`]).
     record: Option<Received>,
+    /// Cancelled once the fetch is gone (its task aborted at the end of the shutdown grace,
+    /// while a writer thread, which cannot be aborted, still writes or fsyncs). Checked
+    /// just before the rename: a delivery landed then would never be recorded, and a
+    /// consumer could take it before the next start fetches it again; and after a reload
+    /// the old thread could land an old version beside a newer one.
+    wanted: CancellationToken,
 }
 
 impl Destination {
-    /// Puts the temp file in its place (see [`land`]); if it cannot, the temp file goes.
-    fn land(&self, temp: TempFile, md5: Option<&[u8; 16]>, size: u64) -> Result<Landed, LandError> {
-        let name = temp.name.as_deref().unwrap_or_default();
-        let landed = land(&self.root, &self.rel, name, md5, size, self.record.as_ref())?;
+    /// Checks a single GET's body against what was announced, fsyncs it and lands it.
+    fn check_and_land(
+        &self,
+        temp: TempFile,
+        file: &std::fs::File,
+        (md5, size): ([u8; 16], u64),
+        expected: &Expected,
+    ) -> Result<(Landed, u64), WriteError> {
+        expected.check(&md5, size)?;
+        file.sync_all()?;
+        Ok((self.land(temp, Some(&md5), size)?, size))
+    }
+
+    /// Puts the temp file in its place (see [`land`]), unless the fetch was abandoned; if
+    /// it does not, the temp file goes.
+    fn land(
+        &self,
+        temp: TempFile,
+        md5: Option<&[u8; 16]>,
+        size: u64,
+    ) -> Result<Landed, WriteError> {
+        if self.wanted.is_cancelled() {
+            return Err(WriteError::Abandoned);
+        }
+        let landed = land(
+            &self.root,
+            &self.rel,
+            temp.name(),
+            md5,
+            size,
+            self.record.as_ref(),
+        )?;
         temp.keep();
         Ok(landed)
     }
@@ -618,48 +674,45 @@ impl Expected {
 
 /// A download's temp file, removed on drop unless it landed ([`TempFile::keep`]).
 ///
-/// It is created, written and landed (or removed) by one blocking thread, never on the
-/// runtime's threads: a create holds the temp folder's lock and can take long (on this
-/// machine's journal-less ext4, 0.6-1.2 ms where many files were deleted in the last
-/// minutes, against 25 us), and on a runtime thread it would hold up every other transfer.
-/// A download abandoned meanwhile (its task aborted at the end of the shutdown grace) ends
-/// on that thread like any other: removed if it went wrong or its body stopped, or landed
-/// and not recorded, which the next start takes as it does after a crash between the
-/// rename and the ledger's record.
+/// It is created, written and landed (or removed) on blocking threads, never on the
+/// runtime's: a create is file system work that holds the temp folder's lock and can take
+/// long (on this machine's journal-less ext4, 0.6-1.2 ms where many files had been deleted
+/// in the last minutes, against 25 us), and on a runtime thread it would hold up every
+/// other transfer. It owns its handle on the inbox so that it can outlive the fetch: a
+/// download abandoned while its writer thread runs is removed by that thread (see
+/// [`Destination::wanted`]).
 struct TempFile {
     root: Arc<InboxRoot>,
-    name: Option<String>,
+    name: String,
+    kept: bool,
 }
 
 impl TempFile {
     /// Creates a new, empty temp file. Blocking.
-    fn create(root: Arc<InboxRoot>) -> std::io::Result<(Self, std::fs::File)> {
-        let (name, file) = root.create_temp().map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot create a temporary file in {}: {e}",
-                    localfs::TEMP_DIR
-                ),
-            )
-        })?;
+    fn create(root: Arc<InboxRoot>) -> Result<(Self, std::fs::File), WriteError> {
+        let (name, file) = root.create_temp().map_err(WriteError::Create)?;
         let temp = Self {
             root,
-            name: Some(name),
+            name,
+            kept: false,
         };
         Ok((temp, file))
     }
 
+    fn name(&self) -> &str {
+        &self.name
+    }
+
     /// It was renamed into its place: nothing to remove.
     fn keep(mut self) {
-        self.name = None;
+        self.kept = true;
     }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if let Some(name) = &self.name {
-            self.root.remove_temp(name);
+        if !self.kept {
+            self.root.remove_temp(&self.name);
         }
     }
 }
@@ -701,7 +754,7 @@ enum RangeError {
 enum Placed {
     /// Bytes of the object at this offset.
     At(u64, bytes::Bytes),
-    /// Every range arrived whole: fsync.
+    /// Every range arrived whole: fsync and land.
     End,
 }
 
@@ -745,7 +798,7 @@ fn write_at_offsets(
 /// What the body reader hands the writer thread.
 enum Piece {
     Chunk(bytes::Bytes),
-    /// The body is complete: flush and fsync.
+    /// The body is complete: flush, check, fsync and land.
     End,
 }
 
@@ -762,10 +815,14 @@ const SMALL_BODY: u64 = 256 << 10;
 enum WriteError {
     /// The body broke off, or is not what the server announced: why.
     Body(String),
+    /// The temp file could not be created.
+    Create(std::io::Error),
     /// The disk (or the writer thread) failed.
     Disk(std::io::Error),
     /// Written whole and checked, but it cannot go to its place.
     Land(LandError),
+    /// The fetch is gone (see [`Destination::wanted`]).
+    Abandoned,
 }
 
 impl From<std::io::Error> for WriteError {
@@ -881,16 +938,13 @@ fn write_chunks(
         size += chunk.len() as u64;
         file.write_all(chunk)?;
     }
-    let md5 = hasher.finalize();
-    expected.check(&md5, size)?;
-    file.sync_all()?;
-    Ok((dest.land(temp, Some(&md5), size)?, size))
+    dest.check_and_land(temp, &file, (hasher.finalize(), size), expected)
 }
 
 /// Writes the chunks arriving on `rx` into a new temp file, hashing them on the way, and
 /// once the body is complete checks, fsyncs and lands it; returns where it landed and its
-/// length. Without an `End` (the body broke off, the download was abandoned) it stops
-/// with `Interrupted`, syncs nothing and removes the temp file. Runs on a blocking thread.
+/// length. Without an `End` (the body broke off, the download was abandoned) it stops,
+/// syncs nothing and removes the temp file. Runs on a blocking thread.
 fn write_and_hash(
     mut rx: tokio::sync::mpsc::Receiver<Piece>,
     expected: &Expected,
@@ -910,19 +964,13 @@ fn write_and_hash(
                 writeback.wrote(file.get_ref(), chunk.len() as u64);
             }
             Some(Piece::End) => break,
-            None => {
-                return Err(WriteError::Disk(std::io::Error::new(
-                    std::io::ErrorKind::Interrupted,
-                    "the download ended before its body did",
-                )));
-            }
+            // The reader stopped (its body broke off, which is the reason it gives) or
+            // was dropped.
+            None => return Err(WriteError::Abandoned),
         }
     }
     let file = file.into_inner().map_err(|e| e.into_error())?;
-    let md5 = hasher.finalize();
-    expected.check(&md5, size)?;
-    file.sync_all()?;
-    Ok((dest.land(temp, Some(&md5), size)?, size))
+    dest.check_and_land(temp, &file, (hasher.finalize(), size), expected)
 }
 
 /// Renames the verified temp file to its place (or beside a file the user changed).
@@ -1031,4 +1079,84 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 /// `interval` +- 10%, so that many clients do not poll in lockstep.
 fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + rand::random::<f64>() * 0.2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Prefix;
+
+    fn destination(root: &Arc<InboxRoot>, key: &str) -> Destination {
+        let rel = RelPath::from_key(
+            &Prefix::new("D/").expect("prefix"),
+            &ObjectKey::from_listing(format!("D/{key}")),
+        )
+        .expect("valid key");
+        Destination {
+            root: Arc::clone(root),
+            rel,
+            record: None,
+            wanted: CancellationToken::new(),
+        }
+    }
+
+    fn temp_files(inbox: &std::path::Path) -> usize {
+        std::fs::read_dir(inbox.join(localfs::TEMP_DIR))
+            .expect("ls")
+            .count()
+    }
+
+    #[test]
+    fn a_checked_body_lands_and_a_damaged_one_leaves_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = Arc::new(InboxRoot::open(tmp.path()).expect("open"));
+        let body = [bytes::Bytes::from_static(b"hello")];
+        let md5 = plan::hex(&Md5::digest(b"hello"));
+        let expected = |length, etag: &str| Expected {
+            length: Some(length),
+            etag: Some(ETag::new(format!("\"{etag}\""))),
+            kms: false,
+        };
+        let (landed, size) = write_chunks(&body, &expected(5, &md5), &destination(&root, "a/ok"))
+            .unwrap_or_else(|_| panic!("landed"));
+        assert_eq!((landed.rel.as_str(), size), ("a/ok", 5));
+        assert_eq!(
+            std::fs::read(tmp.path().join("a/ok")).expect("read"),
+            b"hello"
+        );
+
+        let wrong_md5 = "0123456789abcdef0123456789abcdef";
+        for (expected, why) in [
+            (expected(6, &md5), "got 5 bytes, expected 6"),
+            (expected(5, wrong_md5), "does not match the ETag"),
+        ] {
+            match write_chunks(&body, &expected, &destination(&root, "a/bad")) {
+                Err(WriteError::Body(reason)) => assert!(reason.contains(why), "{reason}"),
+                _ => panic!("a damaged body must not land"),
+            }
+        }
+        assert!(!tmp.path().join("a/bad").exists());
+        assert_eq!(temp_files(tmp.path()), 0);
+    }
+
+    #[test]
+    fn an_abandoned_download_is_removed_not_landed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = Arc::new(InboxRoot::open(tmp.path()).expect("open"));
+        let dest = destination(&root, "late.txt");
+        // The fetch is dropped while its writer thread still works.
+        drop(dest.wanted.clone().drop_guard());
+        let body = [bytes::Bytes::from_static(b"late")];
+        let expected = Expected {
+            length: Some(4),
+            etag: None,
+            kms: false,
+        };
+        assert!(matches!(
+            write_chunks(&body, &expected, &dest),
+            Err(WriteError::Abandoned)
+        ));
+        assert!(!tmp.path().join("late.txt").exists());
+        assert_eq!(temp_files(tmp.path()), 0);
+    }
 }

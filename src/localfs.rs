@@ -188,10 +188,17 @@ impl InboxRoot {
         &self.path
     }
 
+    /// Removes what downloads left in the temp folder. A file gone meanwhile is fine: after
+    /// a reload, the writer threads of the downloads the old workers abandoned may still
+    /// be removing theirs.
     fn clear_temp(&self) -> io::Result<()> {
         for entry in std::fs::read_dir(self.path.join(TEMP_DIR))? {
             let entry = entry?;
-            rustix::fs::unlinkat(&self.temp, entry.file_name().as_os_str(), AtFlags::empty())?;
+            match rustix::fs::unlinkat(&self.temp, entry.file_name().as_os_str(), AtFlags::empty())
+            {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }
