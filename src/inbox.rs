@@ -609,7 +609,7 @@ impl Destination {
         Ok((self.land(temp, Some(&md5), size)?, size))
     }
 
-    /// Puts the temp file in its place (see [`land`]), unless the fetch was abandoned; if
+    /// Puts the temp file in its place (see [`Destination::rename_into_place`]), unless the fetch was abandoned; if
     /// it does not, the temp file goes.
     fn land(
         &self,
@@ -620,16 +620,73 @@ impl Destination {
         if self.wanted.is_cancelled() {
             return Err(WriteError::Abandoned);
         }
-        let landed = land(
-            &self.root,
-            &self.rel,
-            temp.name(),
-            md5,
-            size,
-            self.record.as_ref(),
-        )?;
+        let landed = self.rename_into_place(temp.name(), md5, size)?;
         temp.keep();
         Ok(landed)
+    }
+
+    /// Renames the verified temp file to its place (or beside a file the user changed).
+    fn rename_into_place(
+        &self,
+        temp: &str,
+        md5: Option<&[u8; 16]>,
+        size: u64,
+    ) -> Result<Landed, LandError> {
+        let (root, rel) = (&*self.root, &self.rel);
+        let dir = root.open_parent(rel).map_err(|e| match e.kind() {
+            // A file or a symlink where a folder must be: this key can never land.
+            std::io::ErrorKind::NotADirectory => LandError::Blocked(e.to_string()),
+            _ => LandError::Io(e),
+        })?;
+        let name = rel.file_name();
+        // Only a regular file of the same size is compared: by the download's MD5 where it
+        // computed one, else byte for byte against the temp file.
+        let same_content = |file| match md5 {
+            Some(md5) => Ok(localfs::md5_file(file)? == *md5),
+            None => localfs::same_bytes(file, root.open_temp(temp)?),
+        };
+        let existing = root.existing(&dir, name, same_content, size)?;
+        let rel_str = rel.to_string();
+        match plan::landing(
+            existing,
+            self.record.as_ref().map(|r| &r.delivered),
+            &rel_str,
+        ) {
+            Landing::Path => {
+                let stamp = root.land(temp, &dir, name, true)?;
+                Ok(Landed {
+                    rel: rel_str,
+                    stamp,
+                    folder: dir,
+                })
+            }
+            Landing::Beside => {
+                let tag = plan::time_tag(std::time::SystemTime::now());
+                let mut n = 0;
+                loop {
+                    let beside = plan::beside_name(name, &tag, n);
+                    n += 1;
+                    if InboxRoot::taken(&dir, &beside) {
+                        continue;
+                    }
+                    match root.land(temp, &dir, &beside, false) {
+                        Ok(stamp) => {
+                            tracing::warn!(path = %rel_str, new_version = %beside, "the local copy was changed (or is not ours): kept it, the new version lands beside it");
+                            let parent = rel_str
+                                .rsplit_once('/')
+                                .map_or(String::new(), |(p, _)| format!("{p}/"));
+                            return Ok(Landed {
+                                rel: format!("{parent}{beside}"),
+                                stamp,
+                                folder: dir,
+                            });
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -971,67 +1028,6 @@ fn write_and_hash(
     }
     let file = file.into_inner().map_err(|e| e.into_error())?;
     dest.check_and_land(temp, &file, (hasher.finalize(), size), expected)
-}
-
-/// Renames the verified temp file to its place (or beside a file the user changed).
-fn land(
-    root: &InboxRoot,
-    rel: &RelPath,
-    temp: &str,
-    md5: Option<&[u8; 16]>,
-    size: u64,
-    record: Option<&Received>,
-) -> Result<Landed, LandError> {
-    let dir = root.open_parent(rel).map_err(|e| match e.kind() {
-        // A file or a symlink where a folder must be: this key can never land.
-        std::io::ErrorKind::NotADirectory => LandError::Blocked(e.to_string()),
-        _ => LandError::Io(e),
-    })?;
-    let name = rel.file_name();
-    // Only a regular file of the same size is compared: by the download's MD5 where it
-    // computed one, else byte for byte against the temp file.
-    let same_content = |file| match md5 {
-        Some(md5) => Ok(localfs::md5_file(file)? == *md5),
-        None => localfs::same_bytes(file, root.open_temp(temp)?),
-    };
-    let existing = root.existing(&dir, name, same_content, size)?;
-    let rel_str = rel.to_string();
-    match plan::landing(existing, record.map(|r| &r.delivered), &rel_str) {
-        Landing::Path => {
-            let stamp = root.land(temp, &dir, name, true)?;
-            Ok(Landed {
-                rel: rel_str,
-                stamp,
-                folder: dir,
-            })
-        }
-        Landing::Beside => {
-            let tag = plan::time_tag(std::time::SystemTime::now());
-            let mut n = 0;
-            loop {
-                let beside = plan::beside_name(name, &tag, n);
-                n += 1;
-                if InboxRoot::taken(&dir, &beside) {
-                    continue;
-                }
-                match root.land(temp, &dir, &beside, false) {
-                    Ok(stamp) => {
-                        tracing::warn!(path = %rel_str, new_version = %beside, "the local copy was changed (or is not ours): kept it, the new version lands beside it");
-                        let parent = rel_str
-                            .rsplit_once('/')
-                            .map_or(String::new(), |(p, _)| format!("{p}/"));
-                        return Ok(Landed {
-                            rel: format!("{parent}{beside}"),
-                            stamp,
-                            folder: dir,
-                        });
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
-    }
 }
 
 /// Why a verified download could not be put in its place.
