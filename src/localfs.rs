@@ -1,7 +1,8 @@
 //! Local disk work that must be exactly right: stamps, hashing, atomic landing of
 //! deliveries without following planted symlinks, and moving sent files away.
 //!
-//! Everything here is blocking; the workers call it through `spawn_blocking`.
+//! Everything here is blocking; the workers call it through `spawn_blocking`, except
+//! [`read_small_cached`], which never waits for the disk.
 //! Deliveries are written relative to an open handle on the inbox (`openat` and friends
 //! with `O_NOFOLLOW`), so a symlink inside the inbox can never redirect a write.
 
@@ -104,6 +105,55 @@ pub fn read_small(path: &Path, size: u64) -> io::Result<(Vec<u8>, [u8; 16])> {
     let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     // One byte more than expected tells a grown file from a complete one.
     file.take(size.saturating_add(1)).read_to_end(&mut bytes)?;
+    small_body(bytes, size)
+}
+
+/// [`read_small`] for a caller that must not wait for the disk (a runtime thread):
+/// `Ok(None)` when some of the file is not in the page cache, or the file system cannot
+/// say (`RWF_NOWAIT` unsupported), and the caller should read it on a blocking thread.
+///
+/// Why: a file dropped into the outbox moments ago is nearly always still cached, and
+/// handing each read to a blocking thread cost two thread wake-ups per file: 1,000 x 4 KiB
+/// up took 0.95 -> 0.85 CPU s and 2.28 -> 2.12 s without that hop (2026-12-07). The open
+/// looks up an entry the outbox loop has just stat'ed on the same thread. It is opened
+/// with `O_NONBLOCK`, which changes nothing for a regular file but keeps a FIFO swapped in
+/// since that stat from blocking the open; anything but a regular file is refused.
+pub fn read_small_cached(path: &Path, size: u64) -> io::Result<Option<(Vec<u8>, [u8; 16])>> {
+    use rustix::io::{Errno, ReadWriteFlags};
+    let Ok(want) = usize::try_from(size.saturating_add(1)) else {
+        return Ok(None);
+    };
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+        Mode::empty(),
+    )?;
+    if !rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode).is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is no longer a regular file",
+        ));
+    }
+    // One byte more than expected tells a grown file from a complete one.
+    let mut bytes = vec![0u8; want];
+    let mut filled = 0;
+    while filled < want {
+        let mut slice = [io::IoSliceMut::new(&mut bytes[filled..])];
+        match rustix::io::preadv2(&fd, &mut slice, filled as u64, ReadWriteFlags::NOWAIT) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(Errno::INTR) => {}
+            Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::NOSYS) => return Ok(None),
+            Err(err) => return Err(err.into()),
+        }
+    }
+    bytes.truncate(filled);
+    small_body(bytes, size).map(Some)
+}
+
+/// The body of a small file read whole, with its MD5, if it holds the `size` bytes its
+/// stamp said: fewer or more mean it changed, and the upload must wait.
+fn small_body(bytes: Vec<u8>, size: u64) -> io::Result<(Vec<u8>, [u8; 16])> {
     if bytes.len() as u64 != size {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -454,6 +504,75 @@ mod tests {
         }
         let err = read_small(&tmp.path().join("gone"), 1).expect_err("vanished");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_cached_small_file_is_read_without_waiting_and_checked_the_same_way() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("f");
+        std::fs::write(&path, b"hello").expect("write");
+        let (bytes, md5) = read_small_cached(&path, 5)
+            .expect("read")
+            .expect("just written, so in the page cache");
+        assert_eq!(bytes, b"hello");
+        assert_eq!(crate::plan::hex(&md5), "5d41402abc4b2a76b9719d911017c592");
+        for stale in [4, 6] {
+            let err = read_small_cached(&path, stale).expect_err("size changed");
+            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        }
+        let err = read_small_cached(&tmp.path().join("gone"), 1).expect_err("vanished");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_a_small_file_is_refused_not_waited_for() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        // Without O_NONBLOCK the open would wait for a writer, for ever.
+        let err = read_small_cached(&path, 5).expect_err("not a regular file");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+    }
+
+    #[test]
+    fn a_small_file_not_in_the_page_cache_is_left_to_a_blocking_read() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = rustix::fs::statfs(tmp.path()).expect("statfs");
+        // tmpfs keeps its pages: nothing there is ever read from a disk.
+        if fs.f_type == 0x0102_1994 {
+            eprintln!("skipped: {} is on tmpfs", tmp.path().display());
+            return;
+        }
+        let path = tmp.path().join("f");
+        std::fs::write(&path, b"hello").expect("write");
+        let file = File::open(&path).expect("open");
+        file.sync_all().expect("fsync");
+        // Clean pages may be dropped, and then the read has to wait for the disk. Linux
+        // keeps a page just written in a per-CPU batch for a moment, where DONTNEED cannot
+        // drop it (1 run in 8 here): asked again until it is gone.
+        let left_to_disk = (0..100).any(|_| {
+            rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
+            match read_small_cached(&path, 5).expect("read") {
+                None => true,
+                Some((bytes, _)) => {
+                    assert_eq!(bytes, b"hello");
+                    std::thread::yield_now();
+                    false
+                }
+            }
+        });
+        assert!(
+            left_to_disk,
+            "never refused a read that had to wait for the disk"
+        );
+        assert_eq!(read_small(&path, 5).expect("read").0, b"hello");
     }
 
     #[test]

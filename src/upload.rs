@@ -211,12 +211,17 @@ impl Outbox {
         size: u64,
     ) -> Result<(Option<ETag>, String), UploadError> {
         if size <= IN_MEMORY_MAX {
-            let path = path.to_owned();
-            let (bytes, md5) =
-                tokio::task::spawn_blocking(move || localfs::read_small(&path, size))
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                    .map_err(UploadError::Local)?;
+            let cached = localfs::read_small_cached(path, size).map_err(UploadError::Local)?;
+            let (bytes, md5) = match cached {
+                Some(read) => read,
+                None => {
+                    let path = path.to_owned();
+                    tokio::task::spawn_blocking(move || localfs::read_small(&path, size))
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                        .map_err(UploadError::Local)?
+                }
+            };
             let etag = self.store.put_object_bytes(key, bytes.into(), &md5).await?;
             return Ok((etag, plan::hex(&md5)));
         }
