@@ -405,13 +405,21 @@ fn open_or_create_dir(parent: &impl AsFd, name: &str) -> rustix::io::Result<Owne
 /// shared with other moves into it ([`crate::group_commit::FolderSyncs`]).
 pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<(PathBuf, OwnedFd)> {
     let parent = dest.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(parent)?;
     let name = dest
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("file")
         .to_owned();
-    let dir = rustix::fs::open(parent, dir_flags(), Mode::empty())?;
+    // Opened first, created only when missing: in a burst every file but the first finds
+    // its folder there, and a failing mkdir locks the parent folder all the same.
+    let dir = match rustix::fs::open(parent, dir_flags(), Mode::empty()) {
+        Ok(dir) => dir,
+        Err(rustix::io::Errno::NOENT) => {
+            std::fs::create_dir_all(parent)?;
+            rustix::fs::open(parent, dir_flags(), Mode::empty())?
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut n = 0;
     loop {
         let candidate = if n == 0 {
