@@ -190,7 +190,7 @@ impl Outbox {
         );
         let part_size = match shape {
             UploadShape::Multipart { part_size, .. } if !single_only => part_size,
-            _ => return self.put_single(key, path, stamp.size).await,
+            _ => return self.put_single(key, path, stamp).await,
         };
         match self.put_multipart(key, path, rel, stamp, part_size).await {
             Err(UploadError::S3(err))
@@ -198,7 +198,7 @@ impl Outbox {
             {
                 self.parts_denied.store(true, Ordering::Relaxed);
                 tracing::warn!(key = %key, error = %err, "the bucket accepts multipart uploads but denies their parts; sending files up to 5GiB as single PUTs from now on");
-                self.put_single(key, path, stamp.size).await
+                self.put_single(key, path, stamp).await
             }
             other => other,
         }
@@ -208,20 +208,11 @@ impl Outbox {
         &self,
         key: &ObjectKey,
         path: &Path,
-        size: u64,
+        stamp: FileStamp,
     ) -> Result<(Option<ETag>, String), UploadError> {
+        let size = stamp.size;
         if size <= IN_MEMORY_MAX {
-            let cached = localfs::read_small_cached(path, size).map_err(UploadError::Local)?;
-            let (bytes, md5) = match cached {
-                Some(read) => read,
-                None => {
-                    let path = path.to_owned();
-                    tokio::task::spawn_blocking(move || localfs::read_small(&path, size))
-                        .await
-                        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                        .map_err(UploadError::Local)?
-                }
-            };
+            let (bytes, md5) = read_small(path, stamp).await.map_err(UploadError::Local)?;
             let etag = self.store.put_object_bytes(key, bytes.into(), &md5).await?;
             return Ok((etag, plan::hex(&md5)));
         }
@@ -396,11 +387,7 @@ impl Outbox {
                 let dest = self.config.sent_dir.join(rel);
                 let src = path.to_owned();
                 let tag = plan::time_tag(std::time::SystemTime::now());
-                let moved =
-                    tokio::task::spawn_blocking(move || localfs::move_aside(&src, &dest, &tag))
-                        .await
-                        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-                match moved {
+                match blocking(move || localfs::move_aside(&src, &dest, &tag)).await {
                     Ok((dest, folder)) => self.folder_syncs.sync(folder).await.map(|()| Some(dest)),
                     Err(err) => Err(err),
                 }
@@ -422,12 +409,35 @@ impl Outbox {
     }
 }
 
+/// A small file whole with its MD5, if it still is the file `stamp` describes: from the
+/// page cache on this runtime thread when it holds all of it, else on a blocking thread
+/// (see [`localfs::SmallFile`]).
+async fn read_small(path: &Path, stamp: FileStamp) -> std::io::Result<(Vec<u8>, [u8; 16])> {
+    if !localfs::nowait_reads() {
+        let path = path.to_owned();
+        return blocking(move || localfs::SmallFile::open(&path, stamp)?.read()).await;
+    }
+    let file = localfs::SmallFile::open(path, stamp)?;
+    match file.read_cached()? {
+        Some(read) => Ok(read),
+        None => blocking(move || file.read()).await,
+    }
+}
+
 async fn hash_range(path: &Path, offset: u64, len: u64) -> Result<[u8; 16], UploadError> {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || localfs::md5_range(&path, offset, len))
+    blocking(move || localfs::md5_range(&path, offset, len))
+        .await
+        .map_err(UploadError::Local)
+}
+
+/// Runs `work` on a blocking thread; a panic there becomes an error.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-        .map_err(UploadError::Local)
 }
 
 /// MD5 of the parts' MD5s, `-N`: what S3 computes as a multipart ETag.

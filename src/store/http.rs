@@ -338,7 +338,8 @@ impl tower_service::Service<Uri> for QuickAckTcp {
 struct QuickAckStream {
     io: TokioIo<TcpStream>,
     /// Whether data went either way since `TCP_QUICKACK` was last set: only then can an
-    /// acknowledgement be held back. hyper polls an idle connection's read side several
+    /// acknowledgement of data already read be held back (data not yet read wakes the
+    /// reader, whose next wait sets the flag again). hyper polls an idle connection's read side several
     /// times per request (5 of the 7 `setsockopt`s per small GET were such repeats).
     moved: bool,
 }
@@ -352,7 +353,7 @@ impl Read for QuickAckStream {
         let read = Pin::new(&mut self.io).poll_read(cx, buf);
         // Only before waiting: a server holding data back for an acknowledgement shows
         // as a read that finds nothing, and that is when the ACK Linux delayed must go
-        // out (setting the flag sends it). Reads that find data go without the system
+        // out (setting the flag sends one that is pending). Reads that find data go without the system
         // call: over a 1 GiB download 7,690 -> 2,176 calls. Not permanent in Linux (the
         // socket drops back into delayed ACKs as soon as it sends again), so it is set
         // at each wait that follows traffic. A failure only costs the delay.
