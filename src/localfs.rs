@@ -565,12 +565,28 @@ mod tests {
         io::Write::write_all(&mut file, bytes).expect("append");
     }
 
-    /// Whether this file system serves reads from the page cache alone (tmpfs does not).
-    fn nowait_supported(dir: &Path) -> bool {
-        let path = dir.join("probe");
+    /// A temporary folder whose file system serves reads from the page cache alone, or
+    /// `None` (tmpfs does not): the test is then skipped.
+    fn nowait_tempdir() -> Option<tempfile::TempDir> {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("probe");
         std::fs::write(&path, b"x").expect("write");
         let file = SmallFile::open(&path, stamp(&path)).expect("open");
-        file.read_cached().expect("read").is_some() || nowait_reads()
+        if file.read_cached().expect("read").is_some() || nowait_reads() {
+            return Some(tmp);
+        }
+        eprintln!(
+            "skipped: {} serves no RWF_NOWAIT reads",
+            tmp.path().display()
+        );
+        None
+    }
+
+    fn assert_not_settled(err: &io::Error) {
+        assert!(
+            err.to_string().contains("no longer the file that settled"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -588,10 +604,7 @@ mod tests {
         assert_eq!(crate::plan::hex(&md5), "5d41402abc4b2a76b9719d911017c592");
         let refused = |path: &Path, stamp: FileStamp| {
             let err = SmallFile::open(path, stamp).expect_err("not the file that settled");
-            assert!(
-                err.to_string().contains("no longer the file that settled"),
-                "{err}"
-            );
+            assert_not_settled(&err);
         };
         // The stamp said 4 bytes (it grew since) or 6 (it shrank): never sent as it is.
         for size in [4, 6] {
@@ -620,14 +633,9 @@ mod tests {
 
     #[test]
     fn a_cached_small_file_is_read_without_waiting_and_checked_the_same_way() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        if !nowait_supported(tmp.path()) {
-            eprintln!(
-                "skipped: {} serves no RWF_NOWAIT reads",
-                tmp.path().display()
-            );
+        let Some(tmp) = nowait_tempdir() else {
             return;
-        }
+        };
         let path = tmp.path().join("f");
         std::fs::write(&path, b"hello").expect("write");
         let file = SmallFile::open(&path, stamp(&path)).expect("open");
@@ -665,22 +673,14 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(30))
             .expect("the open waited for a writer");
         let err = opened.expect_err("not a regular file");
-        assert!(
-            err.to_string().contains("no longer the file that settled"),
-            "{err}"
-        );
+        assert_not_settled(&err);
     }
 
     #[test]
     fn a_small_file_not_in_the_page_cache_is_left_to_a_blocking_read() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        if !nowait_supported(tmp.path()) {
-            eprintln!(
-                "skipped: {} serves no RWF_NOWAIT reads",
-                tmp.path().display()
-            );
+        let Some(tmp) = nowait_tempdir() else {
             return;
-        }
+        };
         let path = tmp.path().join("f");
         std::fs::write(&path, b"hello").expect("write");
         let settled = stamp(&path);
