@@ -582,6 +582,16 @@ mod tests {
         None
     }
 
+    /// md5("hello")
+    const HELLO_MD5: &str = "5d41402abc4b2a76b9719d911017c592";
+
+    /// Writes "hello" to `dir/f` and returns that path.
+    fn hello_file(dir: &Path) -> PathBuf {
+        let path = dir.join("f");
+        std::fs::write(&path, b"hello").expect("write");
+        path
+    }
+
     fn assert_not_settled(err: &io::Error) {
         assert!(
             err.to_string().contains("no longer the file that settled"),
@@ -592,16 +602,14 @@ mod tests {
     #[test]
     fn a_small_file_is_read_whole_with_its_md5_and_one_changed_since_it_settled_is_refused() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let path = tmp.path().join("f");
-        std::fs::write(&path, b"hello").expect("write");
+        let path = hello_file(tmp.path());
         let settled = stamp(&path);
         let (bytes, md5) = SmallFile::open(&path, settled)
             .expect("open")
             .read()
             .expect("read");
         assert_eq!(bytes, b"hello");
-        // md5("hello")
-        assert_eq!(crate::plan::hex(&md5), "5d41402abc4b2a76b9719d911017c592");
+        assert_eq!(crate::plan::hex(&md5), HELLO_MD5);
         let refused = |path: &Path, stamp: FileStamp| {
             let err = SmallFile::open(path, stamp).expect_err("not the file that settled");
             assert_not_settled(&err);
@@ -636,15 +644,14 @@ mod tests {
         let Some(tmp) = nowait_tempdir() else {
             return;
         };
-        let path = tmp.path().join("f");
-        std::fs::write(&path, b"hello").expect("write");
+        let path = hello_file(tmp.path());
         let file = SmallFile::open(&path, stamp(&path)).expect("open");
         let (bytes, md5) = file
             .read_cached()
             .expect("read")
             .expect("just written, so in the page cache");
         assert_eq!(bytes, b"hello");
-        assert_eq!(crate::plan::hex(&md5), "5d41402abc4b2a76b9719d911017c592");
+        assert_eq!(crate::plan::hex(&md5), HELLO_MD5);
         append(&path, b"!");
         let err = file.read_cached().expect_err("grew");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
@@ -653,8 +660,7 @@ mod tests {
     #[test]
     fn a_fifo_in_place_of_a_small_file_is_refused_not_waited_for() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let path = tmp.path().join("f");
-        std::fs::write(&path, b"hello").expect("write");
+        let path = hello_file(tmp.path());
         let settled = stamp(&path);
         std::fs::remove_file(&path).expect("rm");
         rustix::fs::mknodat(
@@ -681,8 +687,7 @@ mod tests {
         let Some(tmp) = nowait_tempdir() else {
             return;
         };
-        let path = tmp.path().join("f");
-        std::fs::write(&path, b"hello").expect("write");
+        let path = hello_file(tmp.path());
         let settled = stamp(&path);
         let sync = File::open(&path).expect("open");
         sync.sync_all().expect("fsync");
