@@ -445,16 +445,23 @@ def scenario_small(work, client, summary):
                 f.write(body)
         d = Daemon(os.path.join(work, f"smalld-{tag}"), f"Delivery/small-{tag}/")
         d.wait_polls("the daemon's start-up poll", 1)
+        # The daemon's copy of the files, made before the objects are put (a second or
+        # more): dropped in, they have been unchanged for longer than `settle` in every
+        # round, as a finished folder's files are. Made just before the drop (until
+        # 2026-12-07), the last few hundred had changed (ctime) within `settle` of it and
+        # waited out the rest, but only in the rounds where s3-exchange went first. Not
+        # before the daemon's start either: a change time from before it is not vouched for
+        # (a clock step could hide in it) and every file would wait the whole settle time.
+        shutil.copytree(src, os.path.join(d.base, "staging"))
         # Delivered after the start-up poll and before anyone is timed: the daemon's
         # measured poll and the peers' copies fetch the same objects.
         put_many(client, f"Delivery/small-{tag}/", 1000, body)
-        # Copied beside the outbox first (not timed: the peers read `src` as it is), then
-        # dropped in with one rename, as a finished folder arrives. The folder's name is this
-        # round's own, as the peers' prefixes are: keys that earlier runs wrote would make RGW
+        # The copy beside the outbox (not timed: the peers read `src` as it is) is dropped in
+        # with one rename, as a finished folder arrives. The folder's name is this round's
+        # own, as the peers' prefixes are: keys that earlier runs wrote would make RGW
         # replace objects (deleting the old ones costs the OSD a third more CPU) where the
         # peers create new ones.
         batch = f"batch-{tag}"
-        shutil.copytree(src, os.path.join(d.base, "staging"))
         os.makedirs(os.path.join(d.base, "sent", batch))
         dl = os.path.join(work, "dl")
 
