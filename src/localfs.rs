@@ -2,7 +2,9 @@
 //! deliveries without following planted symlinks, and moving sent files away.
 //!
 //! Everything here is blocking; the workers call it through `spawn_blocking`, except
-//! [`SmallFile::open`] and [`SmallFile::read_cached`] (see there).
+//! [`SmallFile::open`] and [`SmallFile::read_cached`] (see there). An outbox file is read
+//! only through a descriptor checked to be the file that settled ([`SmallFile`],
+//! [`SettledFile`]).
 //! Deliveries are written relative to an open handle on the inbox (`openat` and friends
 //! with `O_NOFOLLOW`), so a symlink inside the inbox can never redirect a write.
 
@@ -63,21 +65,6 @@ fn stamp_of_stat(st: &rustix::fs::Stat) -> FileStamp {
 /// The largest read when hashing a range.
 const HASH_READ: u64 = 256 << 10;
 
-/// MD5 of `len` bytes of `path` from `offset`; fails if the file is shorter.
-pub fn md5_range(path: &Path, offset: u64, len: u64) -> io::Result<[u8; 16]> {
-    use std::io::{Seek, SeekFrom};
-    let mut file = File::open(path)?;
-    file.seek(SeekFrom::Start(offset))?;
-    let (md5, copied) = md5_of(file.take(len), len)?;
-    if copied != len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("the file shrank while it was read ({copied} of {len} bytes)"),
-        ));
-    }
-    Ok(md5)
-}
-
 /// The MD5 of everything `reader` holds and its length, in reads of up to [`HASH_READ`]
 /// bytes, fewer if `size_hint` says the whole is smaller: `io::copy`'s 8 KiB would be
 /// 2,048 reads per 16 MiB part.
@@ -136,28 +123,8 @@ pub struct SmallFile {
 impl SmallFile {
     /// Opens the file at `path` if it still is the file `stamp` describes.
     pub fn open(path: &Path, stamp: FileStamp) -> io::Result<Self> {
-        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
-        let fd = match rustix::fs::open(path, flags | OFlags::NOATIME, Mode::empty()) {
-            // O_NOATIME is for the file's owner only.
-            Err(rustix::io::Errno::PERM) => rustix::fs::open(path, flags, Mode::empty()),
-            opened => opened,
-        };
-        let fd = fd.map_err(|err| match err {
-            rustix::io::Errno::AGAIN => io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "another process holds a lease on it (Samba or an NFS server); it was asked to let go, and the upload will be retried",
-            ),
-            err => err.into(),
-        })?;
-        let st = rustix::fs::fstat(&fd)?;
-        let regular = rustix::fs::FileType::from_raw_mode(st.st_mode).is_file();
-        if !regular || stamp_of_stat(&st) != stamp {
-            return Err(io::Error::other(
-                "it is no longer the file that settled (replaced or changed since)",
-            ));
-        }
         Ok(Self {
-            fd,
+            fd: open_settled(path, stamp)?,
             size: stamp.size,
         })
     }
@@ -205,6 +172,103 @@ impl SmallFile {
             .take(size.saturating_add(1))
             .read_to_end(&mut bytes)?;
         small_body(bytes, size)
+    }
+}
+
+/// Opens the file at `path` if it still is the file `stamp` describes: a regular file with
+/// the same inode, size and modification time, checked with `fstat` on the open descriptor.
+/// `O_NONBLOCK` (see [`SmallFile`]): a FIFO swapped in does not block the open, a lease
+/// fails at once with `WouldBlock`.
+fn open_settled(path: &Path, stamp: FileStamp) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let fd = match rustix::fs::open(path, flags | OFlags::NOATIME, Mode::empty()) {
+        // O_NOATIME is for the file's owner only.
+        Err(rustix::io::Errno::PERM) => rustix::fs::open(path, flags, Mode::empty()),
+        opened => opened,
+    };
+    let fd = fd.map_err(|err| match err {
+            rustix::io::Errno::AGAIN => io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "another process holds a lease on it (Samba or an NFS server); it was asked to let go, and the upload will be retried",
+            ),
+            err => err.into(),
+        })?;
+    let st = rustix::fs::fstat(&fd)?;
+    let regular = rustix::fs::FileType::from_raw_mode(st.st_mode).is_file();
+    if !regular || stamp_of_stat(&st) != stamp {
+        return Err(io::Error::other(
+            "it is no longer the file that settled (replaced or changed since)",
+        ));
+    }
+    Ok(fd)
+}
+
+/// An outbox file too big to be sent from memory, open, and checked to be the file that
+/// settled, as a [`SmallFile`] is: hashed through this descriptor and sent through it.
+///
+/// Why: the upload used to open the path again for each hash and each body, so a file
+/// replaced after it settled was read in its place (a symlink to a file the daemon's user
+/// can read went up under the key before the check after the upload caught it), and a
+/// FIFO swapped in hung a blocking thread and the transfer slot for good.
+///
+/// The SDK opens its bodies by path, and again for each retry of a request:
+/// [`Self::body_path`] names this descriptor (`/proc/self/fd/N`), which opens this file
+/// whatever has become of its name since.
+#[derive(Debug)]
+pub struct SettledFile {
+    file: File,
+    body_path: PathBuf,
+}
+
+impl SettledFile {
+    /// Opens the file at `path` if it still is the file `stamp` describes. Blocking.
+    pub fn open(path: &Path, stamp: FileStamp) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let file = File::from(open_settled(path, stamp)?);
+        let own = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        // Without /proc (a bare chroot) the SDK gets the path, as before.
+        let body_path = match std::fs::metadata(&own) {
+            Ok(meta) if meta.ino() == stamp.inode => own,
+            _ => path.to_owned(),
+        };
+        Ok(Self { file, body_path })
+    }
+
+    /// A path that opens this very file, for the SDK's body; valid while `self` lives.
+    pub fn body_path(&self) -> &Path {
+        &self.body_path
+    }
+
+    /// MD5 of `len` bytes from `offset`; fails if the file is shorter. Blocking.
+    pub fn md5_range(&self, offset: u64, len: u64) -> io::Result<[u8; 16]> {
+        let at = ReadAt {
+            file: &self.file,
+            offset,
+        };
+        let (md5, copied) = md5_of(at.take(len), len)?;
+        if copied != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the file shrank while it was read ({copied} of {len} bytes)"),
+            ));
+        }
+        Ok(md5)
+    }
+}
+
+/// Reads a shared file from an offset of its own (`pread`): the parts of one upload are
+/// hashed at once through one descriptor.
+struct ReadAt<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
     }
 }
 
@@ -658,7 +722,7 @@ mod tests {
     }
 
     #[test]
-    fn a_fifo_in_place_of_a_small_file_is_refused_not_waited_for() {
+    fn a_fifo_in_place_of_an_outbox_file_is_refused_not_waited_for() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = hello_file(tmp.path());
         let settled = stamp(&path);
@@ -674,12 +738,39 @@ mod tests {
         // Without O_NONBLOCK the open would wait for a writer for ever: on a thread of
         // its own, so that such a regression fails here instead of hanging the suite.
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || tx.send(SmallFile::open(&path, settled).map(drop)));
-        let opened = rx
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("the open waited for a writer");
-        let err = opened.expect_err("not a regular file");
-        assert_not_settled(&err);
+        std::thread::spawn(move || {
+            let _ = tx.send(SmallFile::open(&path, settled).map(drop));
+            let _ = tx.send(SettledFile::open(&path, settled).map(drop));
+        });
+        for file in ["small", "big"] {
+            let opened = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("the open of a {file} file waited for a writer"));
+            assert_not_settled(&opened.expect_err("not a regular file"));
+        }
+    }
+
+    #[test]
+    fn a_big_file_is_hashed_and_sent_as_it_settled_whatever_replaces_its_name() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = hello_file(tmp.path());
+        let settled = stamp(&path);
+        let file = SettledFile::open(&path, settled).expect("open");
+        assert_ne!(file.body_path(), path.as_path(), "/proc is mounted here");
+        // Replaced after the open, as a file in the outbox may be at any moment.
+        let other = tmp.path().join("other");
+        std::fs::write(&other, b"other!").expect("write");
+        std::fs::rename(&other, &path).expect("rename");
+        assert_eq!(
+            crate::plan::hex(&file.md5_range(0, 5).expect("md5")),
+            HELLO_MD5
+        );
+        // What the SDK opens for the body (and again for each retry) is the settled file.
+        for _ in 0..2 {
+            assert_eq!(std::fs::read(file.body_path()).expect("read"), b"hello");
+        }
+        // Opened after the replacement, it is refused, as a small file is.
+        assert_not_settled(&SettledFile::open(&path, settled).expect_err("replaced"));
     }
 
     #[test]
@@ -809,9 +900,9 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let p = tmp.path().join("f");
         std::fs::write(&p, b"xxhelloxx").expect("write");
-        let whole = Md5::digest(b"hello");
-        assert_eq!(md5_range(&p, 2, 5).expect("md5"), whole);
-        assert!(md5_range(&p, 2, 50).is_err());
+        let file = SettledFile::open(&p, stamp(&p)).expect("open");
+        assert_eq!(file.md5_range(2, 5).expect("md5"), Md5::digest(b"hello"));
+        assert!(file.md5_range(2, 50).is_err());
     }
 
     #[test]
@@ -822,13 +913,16 @@ mod tests {
             .map(|i| (i % 251) as u8)
             .collect();
         std::fs::write(&p, &data).expect("write");
+        let file = SettledFile::open(&p, stamp(&p)).expect("open");
         let (offset, len) = (17, 2 * HASH_READ as usize + 500);
         let expected = Md5::digest(&data[offset..offset + len]);
         assert_eq!(
-            md5_range(&p, offset as u64, len as u64).expect("md5"),
+            file.md5_range(offset as u64, len as u64).expect("md5"),
             expected
         );
-        let err = md5_range(&p, offset as u64, data.len() as u64).expect_err("past the end");
+        let err = file
+            .md5_range(offset as u64, data.len() as u64)
+            .expect_err("past the end");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         let whole = md5_file(File::open(&p).expect("open")).expect("md5");
         assert_eq!(whole, Md5::digest(&data));

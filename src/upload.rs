@@ -7,6 +7,7 @@
 //! the file moved, deleted or kept.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
@@ -216,8 +217,12 @@ impl Outbox {
             let etag = self.store.put_object_bytes(key, bytes.into(), &md5).await?;
             return Ok((etag, plan::hex(&md5)));
         }
-        let md5 = hash_range(path, 0, size).await?;
-        let etag = self.store.put_object(key, path, size, &md5).await?;
+        let file = open_settled(path, stamp).await?;
+        let md5 = hash_range(&file, 0, size).await?;
+        let etag = self
+            .store
+            .put_object(key, file.body_path(), size, &md5)
+            .await?;
         Ok((etag, plan::hex(&md5)))
     }
 
@@ -271,6 +276,7 @@ impl Outbox {
         let count = stamp.size.div_ceil(part_size);
         let done: std::collections::HashSet<i32> = upload.parts.iter().map(|p| p.number).collect();
         let upload_id = upload.upload_id.clone();
+        let file = open_settled(path, stamp).await?;
         let mut parts = futures_util::stream::iter(1..=count)
             .filter_map(|n| {
                 let number = i32::try_from(n).unwrap_or(i32::MAX);
@@ -278,15 +284,16 @@ impl Outbox {
             })
             .map(|(n, number)| {
                 let upload_id = upload_id.as_str();
+                let file = &file;
                 async move {
                     // Never closed, so `acquire` cannot fail.
                     let _slot = self.part_slots.acquire().await.ok();
                     let offset = (n - 1) * part_size;
                     let len = part_size.min(stamp.size - offset);
-                    let md5 = hash_range(path, offset, len).await?;
+                    let md5 = hash_range(file, offset, len).await?;
                     let part = self
                         .store
-                        .upload_part(key, upload_id, number, path, offset, len, &md5)
+                        .upload_part(key, upload_id, number, file.body_path(), offset, len, &md5)
                         .await?;
                     Ok::<_, UploadError>(UploadedPart {
                         number,
@@ -424,9 +431,26 @@ async fn read_small(path: &Path, stamp: FileStamp) -> std::io::Result<(Vec<u8>, 
     }
 }
 
-async fn hash_range(path: &Path, offset: u64, len: u64) -> Result<[u8; 16], UploadError> {
+/// A file too big for memory, opened once if it still is the file `stamp` describes: its
+/// hashes and its bodies are all read through it (see [`localfs::SettledFile`]).
+async fn open_settled(
+    path: &Path,
+    stamp: FileStamp,
+) -> Result<Arc<localfs::SettledFile>, UploadError> {
     let path = path.to_owned();
-    blocking(move || localfs::md5_range(&path, offset, len))
+    blocking(move || localfs::SettledFile::open(&path, stamp))
+        .await
+        .map(Arc::new)
+        .map_err(UploadError::Local)
+}
+
+async fn hash_range(
+    file: &Arc<localfs::SettledFile>,
+    offset: u64,
+    len: u64,
+) -> Result<[u8; 16], UploadError> {
+    let file = Arc::clone(file);
+    blocking(move || file.md5_range(offset, len))
         .await
         .map_err(UploadError::Local)
 }
