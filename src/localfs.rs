@@ -204,7 +204,8 @@ fn open_settled(path: &Path, stamp: FileStamp) -> io::Result<OwnedFd> {
 }
 
 /// An outbox file too big to be sent from memory, open, and checked to be the file that
-/// settled, as a [`SmallFile`] is: hashed through this descriptor and sent through it.
+/// settled, as a [`SmallFile`] is: hashed through this descriptor, and sent from the same
+/// file (the SDK opens [`Self::body_path`]).
 ///
 /// Why: the upload used to open the path again for each hash and each body, so a file
 /// replaced after it settled was read in its place (a symlink to a file the daemon's user
@@ -213,7 +214,10 @@ fn open_settled(path: &Path, stamp: FileStamp) -> io::Result<OwnedFd> {
 ///
 /// The SDK opens its bodies by path, and again for each retry of a request:
 /// [`Self::body_path`] names this descriptor (`/proc/self/fd/N`), which opens this file
-/// whatever has become of its name since.
+/// whatever has become of its name since. Where `/proc` is missing, the SDK gets the name
+/// (a warning says so, once). Deleted or replaced during the upload, the file is still
+/// readable here: the upload checks its name before each body (`still_settled` in
+/// `upload.rs`).
 #[derive(Debug)]
 pub struct SettledFile {
     file: File,
@@ -226,10 +230,18 @@ impl SettledFile {
         use std::os::fd::AsRawFd;
         let file = File::from(open_settled(path, stamp)?);
         let own = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-        // Without /proc (a bare chroot) the SDK gets the path, as before.
         let body_path = match std::fs::metadata(&own) {
             Ok(meta) if meta.ino() == stamp.inode => own,
-            _ => path.to_owned(),
+            // Without /proc (a bare chroot) the SDK gets the name, as before.
+            _ => {
+                static WARNED: AtomicBool = AtomicBool::new(false);
+                if !WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "/proc/self/fd is not available: files over 64 KiB are read by name for each request, so one replaced during its upload is caught only by the checks around it; mount /proc for the daemon"
+                    );
+                }
+                path.to_owned()
+            }
         };
         Ok(Self { file, body_path })
     }

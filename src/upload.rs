@@ -219,11 +219,25 @@ impl Outbox {
         }
         let file = open_settled(path, stamp).await?;
         let md5 = hash_range(&file, 0, size).await?;
+        self.still_settled(path, stamp)?;
         let etag = self
             .store
             .put_object(key, file.body_path(), size, &md5)
             .await?;
         Ok((etag, plan::hex(&md5)))
+    }
+
+    /// Fails with `Changed` once the file at `path` is no longer the one that settled.
+    /// Why, before each body: it is read through a descriptor opened once
+    /// ([`localfs::SettledFile`]), which a deleted or replaced file does not stop, so
+    /// without this a file the user deleted (to free the disk, say) would go on being
+    /// sent, part after part, until the check before the upload completes.
+    fn still_settled(&self, path: &Path, stamp: FileStamp) -> Result<(), UploadError> {
+        if self.stamp_of(path) == Some(stamp) {
+            Ok(())
+        } else {
+            Err(UploadError::Changed)
+        }
     }
 
     /// A multipart upload that survives restarts: the UploadId and every accepted part
@@ -291,6 +305,7 @@ impl Outbox {
                     let offset = (n - 1) * part_size;
                     let len = part_size.min(stamp.size - offset);
                     let md5 = hash_range(file, offset, len).await?;
+                    self.still_settled(path, stamp)?;
                     let part = self
                         .store
                         .upload_part(key, upload_id, number, file.body_path(), offset, len, &md5)
