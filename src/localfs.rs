@@ -187,12 +187,12 @@ fn open_settled(path: &Path, stamp: FileStamp) -> io::Result<OwnedFd> {
         opened => opened,
     };
     let fd = fd.map_err(|err| match err {
-            rustix::io::Errno::AGAIN => io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "another process holds a lease on it (Samba or an NFS server); it was asked to let go, and the upload will be retried",
-            ),
-            err => err.into(),
-        })?;
+        rustix::io::Errno::AGAIN => io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "another process holds a lease on it (Samba or an NFS server); it was asked to let go, and the upload will be retried",
+        ),
+        err => err.into(),
+    })?;
     let st = rustix::fs::fstat(&fd)?;
     let regular = rustix::fs::FileType::from_raw_mode(st.st_mode).is_file();
     if !regular || stamp_of_stat(&st) != stamp {

@@ -323,9 +323,7 @@ impl Outbox {
             self.remember(key, upload).await?;
         }
         drop(parts);
-        if self.stamp_of(path) != Some(stamp) {
-            return Err(UploadError::Changed);
-        }
+        self.still_settled(path, stamp)?;
         upload.parts.sort_by_key(|p| p.number);
         let completed: Vec<store::Part> = upload
             .parts
