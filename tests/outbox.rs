@@ -1262,21 +1262,24 @@ fn files_vanishing_before_or_during_the_upload_leave_nothing_behind() {
     write_file(&ex.outbox.join("brief.txt"), b"here and gone\n");
     fs::remove_file(ex.outbox.join("brief.txt")).expect("delete brief.txt");
 
-    // During the upload: deleted while its first part is held at the proxy, so the upload
-    // cannot have completed first.
+    // During the upload: deleted while the first of its parts to arrive is held at the
+    // proxy, so the upload cannot have completed first. Nine parts of 5 MiB, eight in
+    // flight per file: the ninth starts only once a part is done, after the deletion, and
+    // must not be sent (the daemon reads through a descriptor opened once, which a
+    // deletion does not stop: it checks the name before each part).
     let key = ex.submission_key("doomed.bin");
     let doomed = ex.outbox.join("doomed.bin");
     let deleted = {
         let (key, doomed) = (key.clone(), doomed.clone());
         ex.proxy.inject(
-            move |r: &Recorded| is_upload_part_of(r, &key) && part_number(r) == Some(1),
+            move |r: &Recorded| is_upload_part_of(r, &key),
             Fault::Before(Box::new(move || {
                 fs::remove_file(&doomed).expect("delete doomed.bin");
             })),
             1,
         )
     };
-    write_file(&doomed, &random_bytes(40 * MIB, 161));
+    write_file(&doomed, &random_bytes(45 * MIB, 161));
     spin_until(
         &ex,
         "doomed.bin deleted during its first UploadPart",
@@ -1299,6 +1302,12 @@ fn files_vanishing_before_or_during_the_upload_leave_nothing_behind() {
     ex.wait_for("the doomed upload to be aborted", || {
         count(&ex, &key, is_abort_multipart_of) >= 1
     });
+    assert_eq!(
+        count(&ex, &key, |r, key| is_upload_part_of(r, key)
+            && part_number(r) == Some(9)),
+        0,
+        "the part that started after doomed.bin was deleted was sent anyway"
+    );
 
     write_file(&ex.outbox.join("after.txt"), b"after\n");
     ex.wait_for("after.txt in sent/", || moved_to_sent(&ex, "after.txt"));
