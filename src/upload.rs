@@ -106,14 +106,16 @@ impl Outbox {
             }
         };
         let transfer = Transfer::start(Direction::Upload, &key, path);
-        // `stamp` was taken by the worker just before this task started; no second look
-        // before the upload, because the one after it decides: the upload counts only if
-        // the file is still exactly what the worker saw settle.
+        // `stamp` was taken by the worker just before this task started. The file is
+        // opened only if it still is what the worker saw settle, and a big one is checked
+        // again before each body (`still_settled`); the look after the upload decides:
+        // it counts only if the file is still exactly that.
         let result = self.upload(&key, path, rel, stamp).await;
         drop(permit);
         let after = self.stamp_of(path);
-        // A failure may come from the file, not from S3: a body read through a file
-        // that vanished or changed surfaces inside the SDK as a dispatch error.
+        // A failure may come from the file, not from S3: a body read by name (where
+        // /proc is missing, see `localfs::SettledFile`) from a file that vanished or
+        // changed surfaces inside the SDK as a dispatch error.
         let result = match (result, after) {
             (Err(_), None) => {
                 transfer.failed("vanished", &"the file vanished during the upload");
@@ -217,7 +219,7 @@ impl Outbox {
             let etag = self.store.put_object_bytes(key, bytes.into(), &md5).await?;
             return Ok((etag, plan::hex(&md5)));
         }
-        let file = open_settled(path, stamp).await?;
+        let file = open_big(path, stamp).await?;
         let md5 = hash_range(&file, 0, size).await?;
         self.still_settled(path, stamp)?;
         let etag = self
@@ -290,7 +292,7 @@ impl Outbox {
         let count = stamp.size.div_ceil(part_size);
         let done: std::collections::HashSet<i32> = upload.parts.iter().map(|p| p.number).collect();
         let upload_id = upload.upload_id.clone();
-        let file = open_settled(path, stamp).await?;
+        let file = open_big(path, stamp).await?;
         let mut parts = futures_util::stream::iter(1..=count)
             .filter_map(|n| {
                 let number = i32::try_from(n).unwrap_or(i32::MAX);
@@ -446,10 +448,7 @@ async fn read_small(path: &Path, stamp: FileStamp) -> std::io::Result<(Vec<u8>, 
 
 /// A file too big for memory, opened once if it still is the file `stamp` describes: its
 /// hashes and its bodies are all read through it (see [`localfs::SettledFile`]).
-async fn open_settled(
-    path: &Path,
-    stamp: FileStamp,
-) -> Result<Arc<localfs::SettledFile>, UploadError> {
+async fn open_big(path: &Path, stamp: FileStamp) -> Result<Arc<localfs::SettledFile>, UploadError> {
     let path = path.to_owned();
     blocking(move || localfs::SettledFile::open(&path, stamp))
         .await
