@@ -122,9 +122,9 @@ pub struct SmallFile {
 
 impl SmallFile {
     /// Opens the file at `path` if it still is the file `stamp` describes.
-    pub fn open(path: &Path, stamp: FileStamp) -> io::Result<Self> {
+    pub fn open(path: &Path, stamp: FileStamp, links: Links) -> io::Result<Self> {
         Ok(Self {
-            fd: open_settled(path, stamp)?,
+            fd: open_settled(path, stamp, links)?,
             size: stamp.size,
         })
     }
@@ -178,9 +178,15 @@ impl SmallFile {
 /// Opens the file at `path` if it still is the file `stamp` describes: a regular file with
 /// the same inode, size and modification time, checked with `fstat` on the open descriptor.
 /// `O_NONBLOCK` (see [`SmallFile`]): a FIFO swapped in does not block the open, a lease
-/// fails at once with `WouldBlock`.
-fn open_settled(path: &Path, stamp: FileStamp) -> io::Result<OwnedFd> {
-    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+/// fails at once with `WouldBlock`. With [`Links::NotFollowed`], `O_NOFOLLOW`: a symlink
+/// swapped in is refused without opening what it points to (a device's open can act).
+fn open_settled(path: &Path, stamp: FileStamp, links: Links) -> io::Result<OwnedFd> {
+    let not_settled =
+        || io::Error::other("it is no longer the file that settled (replaced or changed since)");
+    let mut flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+    if links == Links::NotFollowed {
+        flags |= OFlags::NOFOLLOW;
+    }
     let fd = match rustix::fs::open(path, flags | OFlags::NOATIME, Mode::empty()) {
         // O_NOATIME is for the file's owner only.
         Err(rustix::io::Errno::PERM) => rustix::fs::open(path, flags, Mode::empty()),
@@ -191,16 +197,23 @@ fn open_settled(path: &Path, stamp: FileStamp) -> io::Result<OwnedFd> {
             io::ErrorKind::WouldBlock,
             "another process holds a lease on it (Samba or an NFS server); it was asked to let go, and the upload will be retried",
         ),
+        rustix::io::Errno::LOOP if links == Links::NotFollowed => not_settled(),
         err => err.into(),
     })?;
     let st = rustix::fs::fstat(&fd)?;
     let regular = rustix::fs::FileType::from_raw_mode(st.st_mode).is_file();
     if !regular || stamp_of_stat(&st) != stamp {
-        return Err(io::Error::other(
-            "it is no longer the file that settled (replaced or changed since)",
-        ));
+        return Err(not_settled());
     }
     Ok(fd)
+}
+
+/// Whether an outbox file's open follows a symlink in its place: as
+/// `outbox.follow_symlinks` says, so that the upload opens what the stamp was taken of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Links {
+    Follow,
+    NotFollowed,
 }
 
 /// An outbox file too big to be sent from memory, open, and checked to be the file that
@@ -226,9 +239,9 @@ pub struct SettledFile {
 
 impl SettledFile {
     /// Opens the file at `path` if it still is the file `stamp` describes. Blocking.
-    pub fn open(path: &Path, stamp: FileStamp) -> io::Result<Self> {
+    pub fn open(path: &Path, stamp: FileStamp, links: Links) -> io::Result<Self> {
         use std::os::fd::AsRawFd;
-        let file = File::from(open_settled(path, stamp)?);
+        let file = File::from(open_settled(path, stamp, links)?);
         let own = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         let body_path = match std::fs::metadata(&own) {
             Ok(meta) if meta.ino() == stamp.inode => own,
@@ -647,7 +660,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = tmp.path().join("probe");
         std::fs::write(&path, b"x").expect("write");
-        let file = SmallFile::open(&path, stamp(&path)).expect("open");
+        let file = SmallFile::open(&path, stamp(&path), Links::Follow).expect("open");
         if file.read_cached().expect("read").is_some() || nowait_reads() {
             return Some(tmp);
         }
@@ -680,14 +693,15 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = hello_file(tmp.path());
         let settled = stamp(&path);
-        let (bytes, md5) = SmallFile::open(&path, settled)
+        let (bytes, md5) = SmallFile::open(&path, settled, Links::Follow)
             .expect("open")
             .read()
             .expect("read");
         assert_eq!(bytes, b"hello");
         assert_eq!(crate::plan::hex(&md5), HELLO_MD5);
         let refused = |path: &Path, stamp: FileStamp| {
-            let err = SmallFile::open(path, stamp).expect_err("not the file that settled");
+            let err =
+                SmallFile::open(path, stamp, Links::Follow).expect_err("not the file that settled");
             assert_not_settled(&err);
         };
         // The stamp said 4 bytes (it grew since) or 6 (it shrank): never sent as it is.
@@ -707,12 +721,34 @@ mod tests {
         // Grown after the open: one byte more is read than the stamp said.
         std::fs::remove_file(&path).expect("rm");
         std::fs::write(&path, b"hello").expect("write");
-        let file = SmallFile::open(&path, stamp(&path)).expect("open");
+        let file = SmallFile::open(&path, stamp(&path), Links::Follow).expect("open");
         append(&path, b"!");
         let err = file.read().expect_err("grew");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
-        let err = SmallFile::open(&tmp.path().join("gone"), settled).expect_err("vanished");
+        let err = SmallFile::open(&tmp.path().join("gone"), settled, Links::Follow)
+            .expect_err("vanished");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    /// With `follow_symlinks = false` a symlink swapped in after the stamp is refused
+    /// without being followed, even to the very file that settled (whose stamp it would
+    /// pass): what it points to is never opened.
+    #[test]
+    fn a_symlink_in_place_of_the_settled_file_is_not_followed_unless_links_are() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let real = hello_file(tmp.path());
+        let settled = stamp(&real);
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        assert_not_settled(
+            &SmallFile::open(&link, settled, Links::NotFollowed).expect_err("a link"),
+        );
+        assert_not_settled(
+            &SettledFile::open(&link, settled, Links::NotFollowed).expect_err("a link"),
+        );
+        SmallFile::open(&link, settled, Links::Follow).expect("followed");
+        SettledFile::open(&link, settled, Links::Follow).expect("followed");
+        SmallFile::open(&real, settled, Links::NotFollowed).expect("not a link");
     }
 
     #[test]
@@ -721,7 +757,7 @@ mod tests {
             return;
         };
         let path = hello_file(tmp.path());
-        let file = SmallFile::open(&path, stamp(&path)).expect("open");
+        let file = SmallFile::open(&path, stamp(&path), Links::Follow).expect("open");
         let (bytes, md5) = file
             .read_cached()
             .expect("read")
@@ -751,8 +787,8 @@ mod tests {
         // its own, so that such a regression fails here instead of hanging the suite.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(SmallFile::open(&path, settled).map(drop));
-            let _ = tx.send(SettledFile::open(&path, settled).map(drop));
+            let _ = tx.send(SmallFile::open(&path, settled, Links::Follow).map(drop));
+            let _ = tx.send(SettledFile::open(&path, settled, Links::Follow).map(drop));
         });
         for file in ["small", "big"] {
             let opened = rx
@@ -767,7 +803,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = hello_file(tmp.path());
         let settled = stamp(&path);
-        let file = SettledFile::open(&path, settled).expect("open");
+        let file = SettledFile::open(&path, settled, Links::Follow).expect("open");
         assert_ne!(file.body_path(), path.as_path(), "/proc is mounted here");
         // Replaced after the open, as a file in the outbox may be at any moment.
         let other = tmp.path().join("other");
@@ -782,7 +818,9 @@ mod tests {
             assert_eq!(std::fs::read(file.body_path()).expect("read"), b"hello");
         }
         // Opened after the replacement, it is refused, as a small file is.
-        assert_not_settled(&SettledFile::open(&path, settled).expect_err("replaced"));
+        assert_not_settled(
+            &SettledFile::open(&path, settled, Links::Follow).expect_err("replaced"),
+        );
     }
 
     #[test]
@@ -799,7 +837,7 @@ mod tests {
         // drop it (1 run in 8 here): asked again until it is gone.
         let left_to_disk = (0..100).any(|_| {
             rustix::fs::fadvise(&sync, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
-            let file = SmallFile::open(&path, settled).expect("open");
+            let file = SmallFile::open(&path, settled, Links::Follow).expect("open");
             match file.read_cached().expect("read") {
                 None => {
                     assert_eq!(file.read().expect("read").0, b"hello");
@@ -912,7 +950,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let p = tmp.path().join("f");
         std::fs::write(&p, b"xxhelloxx").expect("write");
-        let file = SettledFile::open(&p, stamp(&p)).expect("open");
+        let file = SettledFile::open(&p, stamp(&p), Links::Follow).expect("open");
         assert_eq!(file.md5_range(2, 5).expect("md5"), Md5::digest(b"hello"));
         assert!(file.md5_range(2, 50).is_err());
     }
@@ -925,7 +963,7 @@ mod tests {
             .map(|i| (i % 251) as u8)
             .collect();
         std::fs::write(&p, &data).expect("write");
-        let file = SettledFile::open(&p, stamp(&p)).expect("open");
+        let file = SettledFile::open(&p, stamp(&p), Links::Follow).expect("open");
         let (offset, len) = (17, 2 * HASH_READ as usize + 500);
         let expected = Md5::digest(&data[offset..offset + len]);
         assert_eq!(

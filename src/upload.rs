@@ -74,6 +74,16 @@ impl Outbox {
         self.look_at(path).map(|(stamp, _)| stamp)
     }
 
+    /// Whether opening an outbox file follows a symlink in its place: only where its stamp
+    /// was taken through one (see [`Self::look_at`]).
+    fn links(&self) -> localfs::Links {
+        if self.config.follow_symlinks {
+            localfs::Links::Follow
+        } else {
+            localfs::Links::NotFollowed
+        }
+    }
+
     /// The stamp of the file at `path` (see [`Self::stamp_of`]) and when it last changed.
     pub(crate) fn look_at(&self, path: &Path) -> Option<(FileStamp, SystemTime)> {
         let meta = std::fs::symlink_metadata(path).ok()?;
@@ -215,11 +225,13 @@ impl Outbox {
     ) -> Result<(Option<ETag>, String), UploadError> {
         let size = stamp.size;
         if size <= IN_MEMORY_MAX {
-            let (bytes, md5) = read_small(path, stamp).await.map_err(UploadError::Local)?;
+            let (bytes, md5) = read_small(path, stamp, self.links())
+                .await
+                .map_err(UploadError::Local)?;
             let etag = self.store.put_object_bytes(key, bytes.into(), &md5).await?;
             return Ok((etag, plan::hex(&md5)));
         }
-        let file = open_big(path, stamp).await?;
+        let file = open_big(path, stamp, self.links()).await?;
         let md5 = hash_range(&file, 0, size).await?;
         self.still_settled(path, stamp)?;
         let etag = self
@@ -253,7 +265,21 @@ impl Outbox {
         stamp: FileStamp,
         part_size: u64,
     ) -> Result<(Option<ETag>, String), UploadError> {
-        let mut upload = match self.resumable(key, stamp, part_size).await {
+        let resumed = self.resumable(key, stamp, part_size).await;
+        // Opened before any request: a file gone or replaced since it settled costs no
+        // CreateMultipartUpload (and no abort after it).
+        let file = match open_big(path, stamp, self.links()).await {
+            Ok(file) => file,
+            Err(err) => {
+                let failed = Err(err);
+                if let Some(upload) = &resumed {
+                    self.conclude(key, path, stamp, &upload.upload_id, &failed)
+                        .await;
+                }
+                return failed;
+            }
+        };
+        let mut upload = match resumed {
             Some(upload) => {
                 tracing::info!(key = %key, parts_done = upload.parts.len(), "resuming the multipart upload");
                 upload
@@ -267,18 +293,32 @@ impl Outbox {
             },
         };
         self.remember(key, &upload).await?;
-        let result = self.send_parts(key, path, stamp, &mut upload).await;
-        // Resume later only what can be resumed: a transient failure of an unchanged file.
+        let result = self.send_parts(key, path, stamp, &file, &mut upload).await;
+        self.conclude(key, path, stamp, &upload.upload_id, &result)
+            .await;
+        result
+    }
+
+    /// After an attempt at the multipart upload `upload_id`: forgets it once complete,
+    /// keeps it to be resumed after a transient failure of an unchanged file, and aborts
+    /// it otherwise.
+    async fn conclude(
+        &self,
+        key: &ObjectKey,
+        path: &Path,
+        stamp: FileStamp,
+        upload_id: &str,
+        result: &Result<(Option<ETag>, String), UploadError>,
+    ) {
         let unchanged = self.stamp_of(path) == Some(stamp);
         let keep_for_resume = unchanged
-            && (matches!(&result, Err(UploadError::S3(e)) if e.class == Class::Transient)
-                || matches!(&result, Err(UploadError::Local(_))));
+            && (matches!(result, Err(UploadError::S3(e)) if e.class == Class::Transient)
+                || matches!(result, Err(UploadError::Local(_))));
         if result.is_ok() {
             self.forget(key).await;
         } else if !keep_for_resume {
-            self.abort(key, &upload.upload_id).await;
+            self.abort(key, upload_id).await;
         }
-        result
     }
 
     async fn send_parts(
@@ -286,13 +326,13 @@ impl Outbox {
         key: &ObjectKey,
         path: &Path,
         stamp: FileStamp,
+        file: &Arc<localfs::SettledFile>,
         upload: &mut Upload,
     ) -> Result<(Option<ETag>, String), UploadError> {
         let part_size = upload.part_size;
         let count = stamp.size.div_ceil(part_size);
         let done: std::collections::HashSet<i32> = upload.parts.iter().map(|p| p.number).collect();
         let upload_id = upload.upload_id.clone();
-        let file = open_big(path, stamp).await?;
         let mut parts = futures_util::stream::iter(1..=count)
             .filter_map(|n| {
                 let number = i32::try_from(n).unwrap_or(i32::MAX);
@@ -300,7 +340,6 @@ impl Outbox {
             })
             .map(|(n, number)| {
                 let upload_id = upload_id.as_str();
-                let file = &file;
                 async move {
                     // Never closed, so `acquire` cannot fail.
                     let _slot = self.part_slots.acquire().await.ok();
@@ -434,12 +473,16 @@ impl Outbox {
 /// A small file whole with its MD5, if it still is the file `stamp` describes: from the
 /// page cache on this runtime thread when it holds all of it, else on a blocking thread
 /// (see [`localfs::SmallFile`]).
-async fn read_small(path: &Path, stamp: FileStamp) -> std::io::Result<(Vec<u8>, [u8; 16])> {
+async fn read_small(
+    path: &Path,
+    stamp: FileStamp,
+    links: localfs::Links,
+) -> std::io::Result<(Vec<u8>, [u8; 16])> {
     if !localfs::nowait_reads() {
         let path = path.to_owned();
-        return blocking(move || localfs::SmallFile::open(&path, stamp)?.read()).await;
+        return blocking(move || localfs::SmallFile::open(&path, stamp, links)?.read()).await;
     }
-    let file = localfs::SmallFile::open(path, stamp)?;
+    let file = localfs::SmallFile::open(path, stamp, links)?;
     match file.read_cached()? {
         Some(read) => Ok(read),
         None => blocking(move || file.read()).await,
@@ -448,9 +491,13 @@ async fn read_small(path: &Path, stamp: FileStamp) -> std::io::Result<(Vec<u8>, 
 
 /// A file too big for memory, opened once if it still is the file `stamp` describes: its
 /// hashes and its bodies are all read through it (see [`localfs::SettledFile`]).
-async fn open_big(path: &Path, stamp: FileStamp) -> Result<Arc<localfs::SettledFile>, UploadError> {
+async fn open_big(
+    path: &Path,
+    stamp: FileStamp,
+    links: localfs::Links,
+) -> Result<Arc<localfs::SettledFile>, UploadError> {
     let path = path.to_owned();
-    blocking(move || localfs::SettledFile::open(&path, stamp))
+    blocking(move || localfs::SettledFile::open(&path, stamp, links))
         .await
         .map(Arc::new)
         .map_err(UploadError::Local)

@@ -1349,6 +1349,55 @@ fn files_vanishing_before_or_during_the_upload_leave_nothing_behind() {
     );
 }
 
+/// A file another process holds a lease on (Samba and knfsd take them) is neither waited
+/// for, which would hold a transfer slot, nor given up: the open fails at once and asks
+/// the holder to let go, a line says why, and the file goes once the lease is gone. The
+/// file is opened before any request: the failed attempt costs no CreateMultipartUpload.
+#[test]
+fn a_leased_file_goes_once_its_holder_lets_go_and_costs_no_request_before() {
+    use std::os::fd::AsRawFd;
+    // The holder is told to let go by SIGIO, whose default action ends the process.
+    // SAFETY: ignoring a signal that nothing in the tests handles.
+    unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+    let mut ex = Exchange::with(Settings {
+        settle: "1s".into(),
+        ..Settings::default()
+    });
+    ex.start();
+    wait_until_watching(&ex);
+    let key = ex.submission_key("leased.bin");
+    let path = ex.outbox.join("leased.bin");
+    let bytes = random_bytes(12 * MIB, 171);
+    write_file(&path, &bytes);
+    // Taken within the settle time: the daemon has not opened the file yet, and a write
+    // lease needs the holder to be its only opener.
+    let holder = fs::File::open(&path).expect("open leased.bin");
+    // SAFETY: fcntl on a descriptor `holder` keeps open.
+    let taken = unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
+    assert_eq!(taken, 0, "F_SETLEASE: {}", std::io::Error::last_os_error());
+
+    ex.wait_for("a retry line for leased.bin", || {
+        !stderr_lines_with(&ex, &["will retry", "leased.bin"]).is_empty()
+    });
+    let line = stderr_lines_with(&ex, &["will retry", "leased.bin"]).remove(0);
+    assert!(line.contains("lease"), "the line does not say why: {line}");
+    assert_eq!(
+        count(&ex, &key, is_create_multipart_of),
+        0,
+        "a request went out for a file that could not be opened: {}",
+        ex.proxy.summary()
+    );
+
+    // SAFETY: as above.
+    let released = unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    assert_eq!(released, 0, "F_UNLCK: {}", std::io::Error::last_os_error());
+    drop(holder);
+    ex.wait_for("leased.bin in sent/", || moved_to_sent(&ex, "leased.bin"));
+    assert_object(&ex, &key, &bytes);
+    assert_eq!(count(&ex, &key, is_create_multipart_of), 1);
+    assert_eq!(count(&ex, &key, is_abort_multipart_of), 0);
+}
+
 /// An unreadable file. Root reads everything, so here the daemon runs as `nobody` and the
 /// file belongs to root with mode 0600: it is quarantined once, with a line that names it,
 /// says why and what to do, is left in place and not retried by later rescans, while the
