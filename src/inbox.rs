@@ -333,10 +333,12 @@ impl Inbox {
             Ok(downloaded) => downloaded,
             Err(DownloadError::Changed(err)) => {
                 tracing::info!(key = %object.key, error = %err, "the object changed since the listing; listing again");
+                transfer.called_off();
                 return Fetched::Changed;
             }
             Err(DownloadError::Gone) => {
                 tracing::info!(key = %object.key, "the object was deleted since the listing; nothing to fetch");
+                transfer.called_off();
                 return Fetched::Gone;
             }
             Err(DownloadError::Failed { error, quiet }) => {

@@ -137,12 +137,16 @@ impl Direction {
     }
 }
 
-/// One transfer, from start to its single `transfer` event.
+/// One transfer, from start to its single `transfer` event: [`Transfer::done`] or
+/// [`Transfer::failed`] end it, and one dropped without either (its task aborted at the
+/// end of the shutdown grace) logs it as `abandoned`, so that every transfer a tail of the
+/// log saw start also ends there.
 pub struct Transfer {
     direction: Direction,
     key: String,
     path: PathBuf,
     started: Instant,
+    ended: bool,
 }
 
 impl Transfer {
@@ -159,6 +163,7 @@ impl Transfer {
             key: key.to_string(),
             path: path.to_owned(),
             started: Instant::now(),
+            ended: false,
         }
     }
 
@@ -171,7 +176,14 @@ impl Transfer {
         path.clone_into(&mut self.path);
     }
 
-    pub fn done(&self, bytes: u64, etag: Option<&ETag>) {
+    /// Ends the transfer without a `transfer` event: it turned out not to be one (the
+    /// object changed or was deleted since the listing), and the caller's line says so.
+    pub fn called_off(mut self) {
+        self.ended = true;
+    }
+
+    pub fn done(mut self, bytes: u64, etag: Option<&ETag>) {
+        self.ended = true;
         let path = self.path.display().to_string();
         crate::status::STATS.transfer_done(self.direction.as_str(), &self.key, &path, bytes);
         tracing::info!(
@@ -187,7 +199,8 @@ impl Transfer {
         );
     }
 
-    pub fn failed(&self, outcome: &str, error: &dyn Display) {
+    pub fn failed(mut self, outcome: &str, error: &dyn Display) {
+        self.ended = true;
         crate::status::STATS.transfer_failed(
             self.direction.as_str(),
             &self.key,
@@ -211,7 +224,8 @@ impl Transfer {
 
     /// As [`Transfer::failed`], at debug level: for failures while S3 is unreachable,
     /// which the store reports once for all transfers.
-    pub fn failed_quietly(&self, outcome: &str, error: &dyn Display) {
+    pub fn failed_quietly(mut self, outcome: &str, error: &dyn Display) {
+        self.ended = true;
         crate::status::STATS.transfer_failed(
             self.direction.as_str(),
             &self.key,
@@ -229,6 +243,34 @@ impl Transfer {
             etag = "",
             outcome,
             error = %error,
+            "transfer"
+        );
+    }
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let error = "the daemon stopped before the transfer ended (the shutdown grace ran out); it is done again at the next start";
+        crate::status::STATS.transfer_failed(
+            self.direction.as_str(),
+            &self.key,
+            &self.path.display().to_string(),
+            "abandoned",
+            error.to_owned(),
+        );
+        tracing::warn!(
+            target: "s3_exchange::transfer",
+            direction = self.direction.as_str(),
+            key = %self.key,
+            path = %self.path.display(),
+            bytes = 0u64,
+            duration_ms = self.duration_ms(),
+            etag = "",
+            outcome = "abandoned",
+            error,
             "transfer"
         );
     }

@@ -704,8 +704,9 @@ fn a_full_state_disk_stops_the_daemon_cleanly_and_a_restart_completes_everything
 /// SIGTERM while a multipart upload and a download are in flight and slower than the
 /// shutdown grace (the proxy holds the later parts and the GET before forwarding them): the
 /// daemon gives up on both and exits 0 well before the held requests would end, nothing is
-/// recorded or moved, and the next start resumes the upload from its recorded parts (the
-/// same UploadId, part 1 not sent again) and fetches the delivery whole, with one GET.
+/// recorded or moved, each transfer ends in the log as `abandoned`, and the next start
+/// resumes the upload from its recorded parts (the same UploadId, part 1 not sent again)
+/// and fetches the delivery whole, with one GET.
 #[test]
 fn sigterm_mid_transfer_resumes_or_cleans_up_at_the_next_start() {
     let mut ex = Exchange::with(Settings {
@@ -760,6 +761,16 @@ fn sigterm_mid_transfer_resumes_or_cleans_up_at_the_next_start() {
         "the upload was not done"
     );
     ex.assert_inbox_holds(&[]);
+    // Each transfer that started ends in the log, as abandoned, once.
+    for key in [&up_key, &down_key] {
+        let ended = stderr_lines_with(&ex, &[" transfer ", key.as_str(), "outcome="]);
+        assert_eq!(ended.len(), 1, "the `transfer` events of {key}: {ended:#?}");
+        assert!(
+            ended[0].contains("outcome=\"abandoned\"") && ended[0].contains("shutdown grace"),
+            "{key} was not logged as abandoned, with why: {}",
+            ended[0]
+        );
+    }
     let before = ex.proxy.requests().len();
 
     ex.proxy.clear_faults();
