@@ -19,6 +19,7 @@ use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 
 use crate::config::{Acl, Config};
 use crate::keys::ObjectKey;
+use crate::logging::error_chain;
 use crate::store::{self, Store};
 
 /// No step may hang: credentials from SSO or a role, and each call, get this long.
@@ -229,21 +230,6 @@ pub async fn credentials(config: &Config) -> Result<(SharedCredentialsProvider, 
 }
 
 const NO_CREDENTIALS: &str = "no usable AWS credentials: set AWS_PROFILE or s3.profile, export AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or log in (aws sso login); under systemd, the service sees only its own environment and files";
-
-/// An error and its sources, `: `-joined, without the SDK's debug dump.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(next) = source {
-        let more = next.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = next.source();
-    }
-    text
-}
 
 /// The likely cause of a credential failure, from the provider's message.
 fn credential_hint(config: &Config, text: &str) -> &'static str {

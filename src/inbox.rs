@@ -27,7 +27,7 @@ use crate::group_commit::FolderSyncs;
 use crate::keys::{ETag, ObjectKey, RelPath};
 use crate::ledger::{self, Ledger, Received, Rejected};
 use crate::localfs::{self, InboxRoot};
-use crate::logging::{Direction, Transfer};
+use crate::logging::{Direction, Transfer, error_chain};
 use crate::md5::Md5;
 use crate::plan::{self, Delivered, DownloadShape, Landing};
 use crate::store::{ByteStream, Class, Listed, Store};
@@ -1059,19 +1059,6 @@ fn tally(done: Result<Fetched, tokio::task::JoinError>, totals: &mut Totals, cha
             totals.failed += 1;
         }
     }
-}
-
-/// An error with its causes, `a: b: c`: body errors hide the useful part (a checksum
-/// mismatch) in their sources.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// `interval` +- 10%, so that many clients do not poll in lockstep.

@@ -8,6 +8,10 @@
 //! Data flows one way through each half:
 //! file -> [`plan`] -> [`store`] -> [`ledger`] for the outbox,
 //! object -> [`plan`] -> [`store`] -> [`localfs`] -> [`ledger`] for the inbox.
+//!
+//! The library exists for the binary and its tests, so its documentation is read with
+//! `cargo doc --document-private-items`, where links to private items resolve.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod check;
 pub mod cli;

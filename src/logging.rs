@@ -137,6 +137,23 @@ impl Direction {
     }
 }
 
+/// An error with its causes, `a: b: c`, each cause left out if the text already holds it:
+/// the SDK's errors hide the useful part (a checksum mismatch, the credential provider's
+/// complaint) in their sources, and their `Debug` is a dump no reader wants.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// One transfer, from start to its single `transfer` event: [`Transfer::done`] or
 /// [`Transfer::failed`] end it, and one dropped without either (its task aborted at the
 /// end of the shutdown grace) logs it as `abandoned`, so that every transfer a tail of the
