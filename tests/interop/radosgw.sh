@@ -151,7 +151,14 @@ start() {
   ceph-mon --mkfs -i a --monmap "$D/monmap" --keyring "$D/keyring"
   ceph-mon -i a
   osd_uuid=$(cat /proc/sys/kernel/random/uuid)
-  timeout 60 ceph osd new "$osd_uuid" >/dev/null
+  # The first command may reach a monitor not yet ready for it: "Error EPERM: problem
+  # getting command descriptions from mon." ended one CI run here. `osd new` with the same
+  # uuid is idempotent, so it is retried, for a minute at most.
+  local tries=0
+  until timeout 60 ceph osd new "$osd_uuid" >/dev/null; do
+    (( ++tries < 30 )) || die "ceph osd new kept failing; see $D/log/mon.a.log"
+    sleep 2
+  done
   ceph-osd -i 0 --mkfs --osd-uuid "$osd_uuid" >"$D/log/osd-mkfs.out" 2>&1 ||
     { cat "$D/log/osd-mkfs.out" >&2; die "ceph-osd --mkfs failed"; }
   timeout 60 ceph osd crush add osd.0 1 root=default host=localhost >/dev/null 2>&1
