@@ -176,7 +176,9 @@ impl Inbox {
                             abandoned = tasks.len(),
                             "grace period over: abandoning downloads in flight; they are fetched again next time"
                         );
-                        tasks.abort_all();
+                        // Waits for the aborted tasks to be dropped, so that their
+                        // `abandoned` events come before the daemon's last lines.
+                        tasks.shutdown().await;
                         break;
                     }
                 }

@@ -179,7 +179,9 @@ impl SmallFile {
 /// the same inode, size and modification time, checked with `fstat` on the open descriptor.
 /// `O_NONBLOCK` (see [`SmallFile`]): a FIFO swapped in does not block the open, a lease
 /// fails at once with `WouldBlock`. With [`Links::NotFollowed`], `O_NOFOLLOW`: a symlink
-/// swapped in is refused without opening what it points to (a device's open can act).
+/// swapped in for the file itself is refused without opening what it points to (a
+/// device's open can act). A folder above it swapped for a link is still followed; the
+/// stamp check then refuses whatever is found there.
 fn open_settled(path: &Path, stamp: FileStamp, links: Links) -> io::Result<OwnedFd> {
     let not_settled =
         || io::Error::other("it is no longer the file that settled (replaced or changed since)");

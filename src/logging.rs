@@ -156,8 +156,8 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 
 /// One transfer, from start to its single `transfer` event: [`Transfer::done`] or
 /// [`Transfer::failed`] end it, and one dropped without either (its task aborted at the
-/// end of the shutdown grace) logs it as `abandoned`, so that every transfer a tail of the
-/// log saw start also ends there.
+/// end of a shutdown's or reload's grace, or unwound by a panic) logs it as `abandoned`,
+/// so that every transfer a tail of the log saw start also ends there.
 pub struct Transfer {
     direction: Direction,
     key: String,
@@ -270,7 +270,11 @@ impl Drop for Transfer {
         if self.ended {
             return;
         }
-        let error = "the daemon stopped before the transfer ended (the shutdown grace ran out); it is done again at the next start";
+        let error = if std::thread::panicking() {
+            "its task panicked (a bug: please report it with this log); it is tried again"
+        } else {
+            "its task was stopped before it ended (the grace of a shutdown or a reload ran out); it is tried again"
+        };
         crate::status::STATS.transfer_failed(
             self.direction.as_str(),
             &self.key,

@@ -534,7 +534,9 @@ impl State {
                         abandoned = self.tasks.len(),
                         "grace period over: abandoning uploads in flight; their files stay in the outbox"
                     );
-                    self.tasks.abort_all();
+                    // Waits for the aborted tasks to be dropped, so that their
+                    // `abandoned` events come before the daemon's last lines.
+                    self.tasks.shutdown().await;
                     break;
                 }
             }

@@ -279,6 +279,7 @@ impl Outbox {
                 return failed;
             }
         };
+        let fresh = resumed.is_none();
         let mut upload = match resumed {
             Some(upload) => {
                 tracing::info!(key = %key, parts_done = upload.parts.len(), "resuming the multipart upload");
@@ -292,7 +293,13 @@ impl Outbox {
                 parts: Vec::new(),
             },
         };
-        self.remember(key, &upload).await?;
+        if let Err(err) = self.remember(key, &upload).await {
+            // Not recorded, so no later attempt would find it to resume or abort.
+            if fresh {
+                self.abort(key, &upload.upload_id).await;
+            }
+            return Err(err);
+        }
         let result = self.send_parts(key, path, stamp, &file, &mut upload).await;
         self.conclude(key, path, stamp, &upload.upload_id, &result)
             .await;

@@ -766,7 +766,7 @@ fn sigterm_mid_transfer_resumes_or_cleans_up_at_the_next_start() {
         let ended = stderr_lines_with(&ex, &[" transfer ", key.as_str(), "outcome="]);
         assert_eq!(ended.len(), 1, "the `transfer` events of {key}: {ended:#?}");
         assert!(
-            ended[0].contains("outcome=\"abandoned\"") && ended[0].contains("shutdown grace"),
+            ended[0].contains("outcome=\"abandoned\"") && ended[0].contains("grace of a shutdown"),
             "{key} was not logged as abandoned, with why: {}",
             ended[0]
         );

@@ -1357,30 +1357,34 @@ fn files_vanishing_before_or_during_the_upload_leave_nothing_behind() {
 fn a_leased_file_goes_once_its_holder_lets_go_and_costs_no_request_before() {
     use std::os::fd::AsRawFd;
     // The holder is told to let go by SIGIO, whose default action ends the process.
+    // Ignored for the whole test binary and inherited by the daemons it starts, which do
+    // not use SIGIO.
     // SAFETY: ignoring a signal that nothing in the tests handles.
     unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
-    let mut ex = Exchange::with(Settings {
-        settle: "1s".into(),
-        ..Settings::default()
-    });
+    let mut ex = Exchange::with(Settings::default());
     ex.start();
     wait_until_watching(&ex);
-    let key = ex.submission_key("leased.bin");
-    let path = ex.outbox.join("leased.bin");
+    let key = ex.submission_key("held.bin");
+    let path = ex.outbox.join("held.bin");
     let bytes = random_bytes(12 * MIB, 171);
-    write_file(&path, &bytes);
-    // Taken within the settle time: the daemon has not opened the file yet, and a write
-    // lease needs the holder to be its only opener.
-    let holder = fs::File::open(&path).expect("open leased.bin");
+    // Leased beside the outbox, then renamed in (a rename does not break a lease): the
+    // daemon cannot meet the file before the lease.
+    let beside = ex.root.join("held.bin");
+    write_file(&beside, &bytes);
+    let holder = fs::File::open(&beside).expect("open held.bin");
     // SAFETY: fcntl on a descriptor `holder` keeps open.
     let taken = unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
     assert_eq!(taken, 0, "F_SETLEASE: {}", std::io::Error::last_os_error());
+    fs::rename(&beside, &path).expect("rename held.bin into the outbox");
 
-    ex.wait_for("a retry line for leased.bin", || {
-        !stderr_lines_with(&ex, &["will retry", "leased.bin"]).is_empty()
+    ex.wait_for("a retry line for held.bin", || {
+        !stderr_lines_with(&ex, &["will retry", "held.bin"]).is_empty()
     });
-    let line = stderr_lines_with(&ex, &["will retry", "leased.bin"]).remove(0);
-    assert!(line.contains("lease"), "the line does not say why: {line}");
+    let line = stderr_lines_with(&ex, &["will retry", "held.bin"]).remove(0);
+    assert!(
+        line.contains("holds a lease"),
+        "the line does not say why: {line}"
+    );
     assert_eq!(
         count(&ex, &key, is_create_multipart_of),
         0,
@@ -1392,7 +1396,7 @@ fn a_leased_file_goes_once_its_holder_lets_go_and_costs_no_request_before() {
     let released = unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
     assert_eq!(released, 0, "F_UNLCK: {}", std::io::Error::last_os_error());
     drop(holder);
-    ex.wait_for("leased.bin in sent/", || moved_to_sent(&ex, "leased.bin"));
+    ex.wait_for("held.bin in sent/", || moved_to_sent(&ex, "held.bin"));
     assert_object(&ex, &key, &bytes);
     assert_eq!(count(&ex, &key, is_create_multipart_of), 1);
     assert_eq!(count(&ex, &key, is_abort_multipart_of), 0);

@@ -153,10 +153,10 @@ start() {
   osd_uuid=$(cat /proc/sys/kernel/random/uuid)
   # The first command may reach a monitor not yet ready for it: "Error EPERM: problem
   # getting command descriptions from mon." ended one CI run here. `osd new` with the same
-  # uuid is idempotent, so it is retried, for a minute at most.
-  local tries=0
-  until timeout 60 ceph osd new "$osd_uuid" >/dev/null; do
-    (( ++tries < 30 )) || die "ceph osd new kept failing; see $D/log/mon.a.log"
+  # uuid is idempotent, so it is retried, for about a minute at most.
+  local deadline=$(( SECONDS + 60 ))
+  until timeout 15 ceph osd new "$osd_uuid" >/dev/null; do
+    (( SECONDS < deadline )) || die "ceph osd new kept failing; see $D/log/mon.a.log"
     sleep 2
   done
   ceph-osd -i 0 --mkfs --osd-uuid "$osd_uuid" >"$D/log/osd-mkfs.out" 2>&1 ||
