@@ -217,31 +217,18 @@ impl Transfer {
     }
 
     pub fn failed(mut self, outcome: &str, error: &dyn Display) {
-        self.ended = true;
-        crate::status::STATS.transfer_failed(
-            self.direction.as_str(),
-            &self.key,
-            &self.path.display().to_string(),
-            outcome,
-            error.to_string(),
-        );
-        tracing::warn!(
-            target: "s3_exchange::transfer",
-            direction = self.direction.as_str(),
-            key = %self.key,
-            path = %self.path.display(),
-            bytes = 0u64,
-            duration_ms = self.duration_ms(),
-            etag = "",
-            outcome,
-            error = %error,
-            "transfer"
-        );
+        self.fail(outcome, error, false);
     }
 
     /// As [`Transfer::failed`], at debug level: for failures while S3 is unreachable,
     /// which the store reports once for all transfers.
     pub fn failed_quietly(mut self, outcome: &str, error: &dyn Display) {
+        self.fail(outcome, error, true);
+    }
+
+    /// Ends the transfer as `outcome`: counted in the status and logged, at WARN or, when
+    /// `quiet`, at DEBUG.
+    fn fail(&mut self, outcome: &str, error: &dyn Display, quiet: bool) {
         self.ended = true;
         crate::status::STATS.transfer_failed(
             self.direction.as_str(),
@@ -250,18 +237,27 @@ impl Transfer {
             outcome,
             error.to_string(),
         );
-        tracing::debug!(
-            target: "s3_exchange::transfer",
-            direction = self.direction.as_str(),
-            key = %self.key,
-            path = %self.path.display(),
-            bytes = 0u64,
-            duration_ms = self.duration_ms(),
-            etag = "",
-            outcome,
-            error = %error,
-            "transfer"
-        );
+        macro_rules! event {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "s3_exchange::transfer",
+                    direction = self.direction.as_str(),
+                    key = %self.key,
+                    path = %self.path.display(),
+                    bytes = 0u64,
+                    duration_ms = self.duration_ms(),
+                    etag = "",
+                    outcome,
+                    error = %error,
+                    "transfer"
+                )
+            };
+        }
+        if quiet {
+            event!(debug);
+        } else {
+            event!(warn);
+        }
     }
 }
 
@@ -275,24 +271,6 @@ impl Drop for Transfer {
         } else {
             "its task was stopped before it ended (the grace of a shutdown or a reload ran out); it is tried again"
         };
-        crate::status::STATS.transfer_failed(
-            self.direction.as_str(),
-            &self.key,
-            &self.path.display().to_string(),
-            "abandoned",
-            error.to_owned(),
-        );
-        tracing::warn!(
-            target: "s3_exchange::transfer",
-            direction = self.direction.as_str(),
-            key = %self.key,
-            path = %self.path.display(),
-            bytes = 0u64,
-            duration_ms = self.duration_ms(),
-            etag = "",
-            outcome = "abandoned",
-            error,
-            "transfer"
-        );
+        self.fail("abandoned", &error, false);
     }
 }
