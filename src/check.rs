@@ -253,11 +253,15 @@ fn credential_hint(config: &Config, text: &str) -> &'static str {
 }
 
 /// `AKIA…WXYZ`: enough to tell keys apart, not enough to use one.
+/// Counted in characters: a key ID pasted with a stray non-ASCII character must not panic.
 fn mask(key: &str) -> String {
-    if key.len() <= 8 {
+    let chars: Vec<char> = key.chars().collect();
+    if chars.len() <= 8 {
         return "…".into();
     }
-    format!("{}…{}", &key[..4], &key[key.len() - 4..])
+    let head: String = chars[..4].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}…{tail}")
 }
 
 /// Whose credentials these are, through STS GetCallerIdentity.
@@ -486,5 +490,7 @@ mod tests {
     fn keys_are_masked() {
         assert_eq!(mask("AKIAIOSFODNN7EXAMPLE"), "AKIA…MPLE");
         assert_eq!(mask("test"), "…");
+        assert_eq!(mask("AKIAÉIOSFODNN7EXAMPLé"), "AKIA…MPLé");
+        assert_eq!(mask("AKIÉIOSFODNN7EXAMPLE"), "AKIÉ…MPLE");
     }
 }

@@ -651,44 +651,49 @@ impl Destination {
         };
         let existing = root.existing(&dir, name, same_content, size)?;
         let rel_str = rel.to_string();
-        match plan::landing(
+        if plan::landing(
             existing,
             self.record.as_ref().map(|r| &r.delivered),
             &rel_str,
-        ) {
-            Landing::Path => {
-                let stamp = root.land(temp, &dir, name, true)?;
-                Ok(Landed {
-                    rel: rel_str,
-                    stamp,
-                    folder: dir,
-                })
-            }
-            Landing::Beside => {
-                let tag = plan::time_tag(std::time::SystemTime::now());
-                let mut n = 0;
-                loop {
-                    let beside = plan::beside_name(name, &tag, n);
-                    n += 1;
-                    if InboxRoot::taken(&dir, &beside) {
-                        continue;
-                    }
-                    match root.land(temp, &dir, &beside, false) {
-                        Ok(stamp) => {
-                            tracing::warn!(path = %rel_str, new_version = %beside, "the local copy was changed (or is not ours): kept it, the new version lands beside it");
-                            let parent = rel_str
-                                .rsplit_once('/')
-                                .map_or(String::new(), |(p, _)| format!("{p}/"));
-                            return Ok(Landed {
-                                rel: format!("{parent}{beside}"),
-                                stamp,
-                                folder: dir,
-                            });
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                        Err(e) => return Err(e.into()),
-                    }
+        ) == Landing::Path
+        {
+            // Over a file only where the look above found one to replace: a file made at
+            // the name since then is kept, and the delivery lands beside it.
+            let replace = existing != plan::Existing::Nothing;
+            match root.land(temp, &dir, name, replace) {
+                Ok(stamp) => {
+                    return Ok(Landed {
+                        rel: rel_str,
+                        stamp,
+                        folder: dir,
+                    });
                 }
+                Err(e) if !replace && e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let tag = plan::time_tag(std::time::SystemTime::now());
+        let mut n = 0;
+        loop {
+            let beside = plan::beside_name(name, &tag, n);
+            n += 1;
+            if InboxRoot::taken(&dir, &beside) {
+                continue;
+            }
+            match root.land(temp, &dir, &beside, false) {
+                Ok(stamp) => {
+                    tracing::warn!(path = %rel_str, new_version = %beside, "the local copy was changed (or is not ours): kept it, the new version lands beside it");
+                    let parent = rel_str
+                        .rsplit_once('/')
+                        .map_or(String::new(), |(p, _)| format!("{p}/"));
+                    return Ok(Landed {
+                        rel: format!("{parent}{beside}"),
+                        stamp,
+                        folder: dir,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e.into()),
             }
         }
     }

@@ -14,6 +14,7 @@
 #![allow(rustdoc::private_intra_doc_links)]
 
 pub mod check;
+pub mod claim;
 pub mod cli;
 pub mod config;
 pub mod daemon;

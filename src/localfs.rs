@@ -51,7 +51,7 @@ pub fn changed_at(meta: &std::fs::Metadata) -> std::time::SystemTime {
     meta.modified().map_or(ctime, |mtime| mtime.max(ctime))
 }
 
-fn stamp_of_stat(st: &rustix::fs::Stat) -> FileStamp {
+pub(crate) fn stamp_of_stat(st: &rustix::fs::Stat) -> FileStamp {
     FileStamp {
         size: u64::try_from(st.st_size).unwrap_or(0),
         mtime_ns: st

@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::claim;
 use crate::config::{self, AfterUpload};
 use crate::group_commit::FolderSyncs;
 use crate::keys::ObjectKey;
@@ -86,6 +87,10 @@ struct State {
     unmoved: HashMap<PathBuf, (ObjectKey, FileStamp)>,
     /// Paths already logged as skipped (symlinks, special files), to log once.
     skipped: HashSet<PathBuf>,
+    /// Until the first scan is done: claims found are leftovers of a daemon that died
+    /// inside one (see [`crate::claim`]) and get their names back. Later, a claim is a
+    /// live task's.
+    first_scan: bool,
     /// Files were left out because `pending` was full: rescan once it drains.
     backlog: bool,
     /// False for `sync`: a failure is counted and the file left for the next run.
@@ -183,6 +188,7 @@ impl State {
             quarantined: HashMap::new(),
             unmoved: HashMap::new(),
             skipped: HashSet::new(),
+            first_scan: true,
             retry: true,
             backlog: false,
             tasks: JoinSet::new(),
@@ -194,6 +200,7 @@ impl State {
     fn scan_all(&mut self) {
         let root = self.outbox.config.dir.clone();
         self.walk(&root, Instant::now());
+        self.first_scan = false;
         crate::status::STATS.rescanned();
     }
 
@@ -217,6 +224,16 @@ impl State {
                             stack.push(path);
                         }
                     }
+                    Ok(_) if self.first_scan => match claim::give_back_leftover(&path) {
+                        Ok(Some(back)) => {
+                            tracing::info!(path = %back.display(), "gave back the name of a sent file that a stopped daemon was taking away; it goes again");
+                            self.consider_file(&back, now, Found::ByScan);
+                        }
+                        Ok(None) => self.consider_file(&path, now, Found::ByScan),
+                        Err(err) => {
+                            tracing::error!(path = %path.display(), error = %err, "cannot give a sent file its name back; rename it without the leading dot and the .s3-exchange-claim suffix");
+                        }
+                    },
                     Ok(_) => self.consider_file(&path, now, Found::ByScan),
                     Err(_) => {}
                 }
@@ -244,6 +261,14 @@ impl State {
             return true;
         };
         if self.through_link(rel) {
+            return true;
+        }
+        // A sent file being taken away: never a file to send.
+        if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| claim::claimed_from(n).is_some())
+        {
             return true;
         }
         rel.components().any(|c| {
@@ -416,7 +441,7 @@ impl State {
                 let outcome = match unmoved {
                     Some((key, _)) => {
                         drop(permit);
-                        outbox.after_upload(&path, &key).await
+                        outbox.after_upload(&path, &key, stamp).await
                     }
                     None => outbox.send(&path, stamp, permit).await,
                 };

@@ -13,6 +13,7 @@ use std::time::SystemTime;
 
 use futures_util::StreamExt;
 
+use crate::claim::{self, Claim};
 use crate::config::{self, AfterUpload};
 use crate::keys::{ETag, ObjectKey};
 use crate::ledger::{self, Sent, Upload, UploadedPart};
@@ -182,7 +183,7 @@ impl Outbox {
             return Outcome::Retry(err.to_string());
         }
         transfer.done(stamp.size, etag.as_ref());
-        self.after_upload(path, &key).await
+        self.after_upload(path, &key, stamp).await
     }
 
     /// Single PUT or multipart, by size; falls back to a single PUT when the bucket
@@ -300,9 +301,19 @@ impl Outbox {
             }
             return Err(err);
         }
-        let result = self.send_parts(key, path, stamp, &file, &mut upload).await;
+        let mut result = self.send_parts(key, path, stamp, &file, &mut upload).await;
+        // A permanent refusal: the upload is aborted and forgotten here.
         self.conclude(key, path, stamp, &upload.upload_id, &result)
             .await;
+        if let Err(UploadError::S3(err)) = &mut result
+            && err.code.as_deref() == Some("NoSuchUpload")
+        {
+            // The server no longer knows the upload: the owner's lifecycle rule aborted it
+            // (a daemon stopped for days), or an earlier try completed it and its answer
+            // was lost. Nothing is wrong with the file: it goes again, as a new upload.
+            tracing::info!(key = %key, "the server no longer knows this multipart upload (a lifecycle rule aborted it, or a completion's answer was lost): the file goes again as a new upload");
+            err.class = Class::Transient;
+        }
         result
     }
 
@@ -445,36 +456,87 @@ impl Outbox {
         }
     }
 
-    /// Applies `after_upload` to a file whose upload is recorded.
-    pub(crate) async fn after_upload(&self, path: &Path, key: &ObjectKey) -> Outcome {
-        let result = match self.config.after_upload {
+    /// Applies `after_upload` to a file whose upload is recorded, if the file at `path`
+    /// still is the one sent (`stamp`): it is claimed first (see [`crate::claim`]), so a
+    /// new file put under its name after the upload is left where it is, to go in its
+    /// turn.
+    pub(crate) async fn after_upload(
+        &self,
+        path: &Path,
+        key: &ObjectKey,
+        stamp: FileStamp,
+    ) -> Outcome {
+        let sent_to = match self.config.after_upload {
             AfterUpload::Keep => return Outcome::Done,
-            AfterUpload::Delete => tokio::fs::remove_file(path).await.map(|()| None),
+            AfterUpload::Delete => None,
             AfterUpload::Move => {
                 let rel = path.strip_prefix(&self.config.dir).unwrap_or(path);
-                let dest = self.config.sent_dir.join(rel);
-                let src = path.to_owned();
-                let tag = plan::time_tag(std::time::SystemTime::now());
-                match blocking(move || localfs::move_aside(&src, &dest, &tag)).await {
-                    Ok((dest, folder)) => self.folder_syncs.sync(folder).await.map(|()| Some(dest)),
-                    Err(err) => Err(err),
-                }
+                Some(self.config.sent_dir.join(rel))
             }
         };
-        match result {
-            Ok(dest) => {
-                if let Some(dest) = dest {
-                    tracing::debug!(key = %key, path = %path.display(), moved_to = %dest.display(), "moved to the sent folder");
+        let src = path.to_owned();
+        let links = self.links();
+        let result = blocking(move || {
+            let held = match claim::claim(&src, stamp, links)? {
+                Claim::Held(held) => held,
+                Claim::Gone => return Ok(Away::Gone),
+                Claim::Replaced => return Ok(Away::Replaced),
+            };
+            let Some(dest) = sent_to else {
+                return held.remove().map(|()| Away::Deleted);
+            };
+            let tag = plan::time_tag(SystemTime::now());
+            match localfs::move_aside(&held.path(), &dest, &tag) {
+                Ok((dest, folder)) => Ok(Away::Moved(dest, folder)),
+                Err(err) => {
+                    // It keeps its name in the outbox, where the next try finds it.
+                    match held.give_back() {
+                        Ok(back) if back != src => tracing::warn!(path = %src.display(), now = %back.display(), "a new file took the name of a sent file while it could not be moved; the sent one is beside it"),
+                        Ok(_) => {}
+                        Err(back) => tracing::error!(path = %src.display(), error = %back, "cannot give the file its name back; the next start will"),
+                    }
+                    Err(err)
                 }
-                Outcome::Done
             }
+        })
+        .await;
+        let result = match result {
+            Ok(Away::Moved(dest, folder)) => self.folder_syncs.sync(folder).await.map(|()| {
+                tracing::debug!(key = %key, path = %path.display(), moved_to = %dest.display(), "moved to the sent folder");
+            }),
+            Ok(Away::Deleted | Away::Gone) => Ok(()),
+            Ok(Away::Replaced) => {
+                tracing::warn!(key = %key, path = %path.display(), "after its upload a new file took its name: the new file stays in the outbox and goes in its turn");
+                Ok(())
+            }
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(()) => Outcome::Done,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Outcome::Done,
-            Err(err) => Outcome::AfterUploadFailed(format!(
-                "uploaded as {key}, but after_upload failed: {err}; check that outbox.sent_dir ({}) is writable and has space",
-                self.config.sent_dir.display()
-            )),
+            Err(err) => {
+                let folder = path.parent().unwrap_or(&self.config.dir).display();
+                let fix = match self.config.after_upload {
+                    AfterUpload::Move => format!(
+                        "check that outbox.sent_dir ({}) is writable and has space, and that the daemon may rename files in {folder}",
+                        self.config.sent_dir.display()
+                    ),
+                    _ => format!("check that the daemon may rename and delete files in {folder}"),
+                };
+                Outcome::AfterUploadFailed(format!(
+                    "uploaded as {key}, but after_upload failed: {err}; {fix}"
+                ))
+            }
         }
     }
+}
+
+/// What became of a sent file (see [`Outbox::after_upload`]).
+enum Away {
+    Moved(std::path::PathBuf, std::os::fd::OwnedFd),
+    Deleted,
+    Gone,
+    Replaced,
 }
 
 /// A small file whole with its MD5, if it still is the file `stamp` describes: from the

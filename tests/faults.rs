@@ -814,3 +814,50 @@ fn sigterm_mid_transfer_resumes_or_cleans_up_at_the_next_start() {
         ex.proxy.summary()
     );
 }
+
+/// The server no longer knows a multipart upload: the owner's lifecycle rule aborted it
+/// while the daemon was stopped, or an earlier try completed it and its answer was lost.
+/// Its next part is refused with `NoSuchUpload` (404): the file is not at fault, so it goes
+/// again as a new upload instead of being quarantined until the next start.
+#[test]
+fn a_multipart_upload_the_server_no_longer_knows_starts_over_and_is_not_quarantined() {
+    let mut ex = Exchange::new();
+    let key = ex.submission_key("big.bin");
+    let bytes = random_bytes(2 * 5 * MIB + 11, 904);
+    let gone = ex.proxy.inject(
+        sends_part(&key),
+        Fault::Error {
+            status: 404,
+            code: "NoSuchUpload",
+            message: "The specified upload does not exist.",
+        },
+        1,
+    );
+    write_file(&ex.outbox.join("big.bin"), &bytes);
+    ex.start();
+    ex.wait_for("big.bin sent after the refused part", || {
+        ex.sent.join("big.bin").exists()
+    });
+    ex.stop_cleanly();
+    assert_eq!(gone.count(), 1, "the refusal was not injected");
+    assert_eq!(ex.owner.get(&key).as_ref(), Some(&bytes));
+    let creates = ex
+        .proxy
+        .count(|r| r.method == "POST" && r.has_query_param("uploads") && about(&key)(r));
+    assert_eq!(
+        creates,
+        2,
+        "a new upload after the refusal\n{}",
+        ex.proxy.summary()
+    );
+    let quarantined = stderr_lines_with(&ex, &["quarantined", "big.bin"]);
+    assert!(quarantined.is_empty(), "{quarantined:#?}");
+    assert!(
+        !stderr_lines_with(
+            &ex,
+            &["no longer knows this multipart upload", key.as_str()]
+        )
+        .is_empty(),
+        "no line says why the upload started over"
+    );
+}

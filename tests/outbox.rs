@@ -1486,6 +1486,42 @@ fn an_after_upload_collision_keeps_both_files() {
     assert_eq!(read_file(&ex.sent.join(beside)), Some(new));
 }
 
+/// A daemon killed while it took a sent file away leaves the file under its hidden claim
+/// name (`.NAME.s3-exchange-claim`, see `src/claim.rs`): the next start gives it its name
+/// back and sends it. A claim name is never sent as it is, even with no ignore patterns,
+/// and one that appears while the daemon runs is a live claim: left alone.
+#[test]
+fn a_sent_file_left_under_its_claim_name_gets_its_name_back_and_goes() {
+    let mut ex = Exchange::new();
+    ex.write_config(&with_outbox_lines(&ex.config_text(), "ignore = []"));
+    let left = random_bytes(10_000, 905);
+    write_file(&ex.outbox.join("sub/.report.csv.s3-exchange-claim"), &left);
+    ex.start();
+    ex.wait_for("sub/report.csv sent", || {
+        ex.sent.join("sub/report.csv").exists()
+    });
+    assert_object(&ex, &ex.submission_key("sub/report.csv"), &left);
+    assert!(
+        stderr_lines_with(&ex, &["gave back the name", "report.csv"]).len() == 1,
+        "no line says the name was given back\n{}",
+        ex.diagnostics()
+    );
+
+    // While it runs: a claim name is not a file to send, nor a leftover.
+    let live = ex.outbox.join(".live.csv.s3-exchange-claim");
+    write_file(&live, b"a claim of a running daemon\n");
+    write_file(&ex.outbox.join("after.csv"), b"dropped after the claim\n");
+    ex.wait_for("after.csv sent", || ex.sent.join("after.csv").exists());
+    ex.stop_cleanly();
+    let claims = ex.proxy.count(|r| {
+        is_put_object(r)
+            && r.key_in(common::BUCKET)
+                .is_some_and(|k| k.contains("s3-exchange-claim"))
+    });
+    assert_eq!(claims, 0, "a claim name was sent\n{}", ex.proxy.summary());
+    assert_eq!(files_under(&ex.outbox), [".live.csv.s3-exchange-claim"]);
+}
+
 /// The sent folder becomes unusable (a regular file where the folder was; root can't
 /// create folders under a file either): the upload is recorded once, the file stays in
 /// the outbox, the log says what happened and what to do, and the file is NOT uploaded
