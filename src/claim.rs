@@ -19,12 +19,18 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::localfs::{self, Links};
 use crate::plan::{self, FileStamp};
 
 const SUFFIX: &str = ".s3-exchange-claim";
+
+/// The longest name (in bytes) that is claimed: its claim name and the timestamped name
+/// it may be given back under (`name.<UTC time>-N.ext`, see [`plan::beside_name`]) must
+/// both fit in the 255 bytes file systems allow. A longer one is checked and then acted
+/// on by its name, with a window of two system calls.
+const LONGEST_CLAIMED: usize = 224;
 
 /// The claim name of a file named `name`.
 fn claim_name(name: &str) -> String {
@@ -55,9 +61,8 @@ pub struct Held {
     dir: OwnedFd,
     folder: PathBuf,
     name: String,
-    /// The claim name, or the file's own name where a claim name would be longer than
-    /// the file system allows (255 bytes): such a file is checked and then acted on by
-    /// its name, with a window of two system calls.
+    /// The claim name, or the file's own name where that is longer than
+    /// [`LONGEST_CLAIMED`].
     held_as: String,
 }
 
@@ -77,13 +82,12 @@ pub fn claim(path: &Path, stamp: FileStamp, links: Links) -> io::Result<Claim> {
         Err(e) => return Err(e.into()),
     };
     let claim = claim_name(name);
-    let held_as = match rustix::fs::renameat_with(
-        &dir,
-        name,
-        &dir,
-        claim.as_str(),
-        RenameFlags::NOREPLACE,
-    ) {
+    let claimed = if name.len() > LONGEST_CLAIMED {
+        Err(rustix::io::Errno::NAMETOOLONG)
+    } else {
+        localfs::rename_noreplace(&dir, Path::new(name), &dir, Path::new(&claim))
+    };
+    let held_as = match claimed {
         Ok(()) => claim,
         Err(rustix::io::Errno::NOENT) => return Ok(Claim::Gone),
         Err(rustix::io::Errno::NAMETOOLONG) => name.to_owned(),
@@ -171,13 +175,7 @@ fn give_back(dir: &OwnedFd, folder: &Path, held_as: &str, name: &str) -> io::Res
         } else {
             plan::beside_name(name, &tag, n - 1)
         };
-        match rustix::fs::renameat_with(
-            dir,
-            held_as,
-            dir,
-            candidate.as_str(),
-            RenameFlags::NOREPLACE,
-        ) {
+        match localfs::rename_noreplace(dir, Path::new(held_as), dir, Path::new(&candidate)) {
             Ok(()) => return Ok(folder.join(candidate)),
             Err(rustix::io::Errno::EXIST) => n += 1,
             Err(e) => return Err(e.into()),
@@ -321,10 +319,28 @@ mod tests {
         assert_eq!(claimed_from(".a.s3-exchange-claim"), Some("a"));
     }
 
+    /// The longest name claimed can still be given back beside a new file that took it.
+    #[test]
+    fn the_longest_claimed_name_fits_under_a_timestamped_name_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = format!("{}.csv", "x".repeat(LONGEST_CLAIMED - 4));
+        let path = dir.path().join(&name);
+        fs::write(&path, b"sent\n").expect("write");
+        let Claim::Held(held) = claim(&path, stamp(&path), Links::NotFollowed).expect("claim")
+        else {
+            panic!("not held");
+        };
+        assert_ne!(held.path(), path, "not claimed");
+        fs::write(&path, b"new\n").expect("write");
+        let back = held.give_back().expect("give back");
+        assert_eq!(fs::read(&back).expect("read"), b"sent\n");
+        assert_eq!(fs::read(&path).expect("read"), b"new\n");
+    }
+
     #[test]
     fn a_name_too_long_for_a_claim_is_checked_and_taken_by_its_name() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("x".repeat(250));
+        let path = dir.path().join("x".repeat(LONGEST_CLAIMED + 1));
         fs::write(&path, b"sent\n").expect("write");
         let Claim::Held(held) = claim(&path, stamp(&path), Links::NotFollowed).expect("claim")
         else {

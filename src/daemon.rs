@@ -358,6 +358,7 @@ impl Workers {
                 parts_denied: Default::default(),
                 part_slots: Semaphore::new(crate::upload::PARTS_IN_FLIGHT_TOTAL),
                 folder_syncs: crate::group_commit::FolderSyncs::default(),
+                started_over: Default::default(),
             }),
             inbox: Arc::new(Inbox {
                 config: config.inbox.clone(),

@@ -494,12 +494,11 @@ impl InboxRoot {
         name: &str,
         replace: bool,
     ) -> io::Result<FileStamp> {
-        let flags = if replace {
-            RenameFlags::empty()
+        if replace {
+            rustix::fs::renameat(&self.temp, temp_name, dir, name)?;
         } else {
-            RenameFlags::NOREPLACE
-        };
-        rustix::fs::renameat_with(&self.temp, temp_name, dir, name, flags)?;
+            rename_noreplace(&self.temp, Path::new(temp_name), dir, Path::new(name))?;
+        }
         let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
         Ok(stamp_of_stat(&st))
     }
@@ -531,6 +530,32 @@ pub fn same_bytes(a: File, b: File) -> io::Result<bool> {
         }
         a.consume(n);
         b.consume(n);
+    }
+}
+
+/// `renameat2(RENAME_NOREPLACE)`: `from` takes the name `to` only if nothing has it.
+/// Where the file system cannot do that (NFS and FUSE file systems without `rename2`
+/// answer EINVAL), a look and then a plain rename: a name taken in the microseconds
+/// between them is replaced. The first such fallback is logged.
+pub fn rename_noreplace(
+    from_dir: impl AsFd,
+    from: &Path,
+    to_dir: impl AsFd,
+    to: &Path,
+) -> rustix::io::Result<()> {
+    static LOOKS_INSTEAD: AtomicBool = AtomicBool::new(false);
+    match rustix::fs::renameat_with(&from_dir, from, &to_dir, to, RenameFlags::NOREPLACE) {
+        Err(rustix::io::Errno::INVAL) => {
+            if !LOOKS_INSTEAD.swap(true, Ordering::Relaxed) {
+                tracing::info!(path = %to.display(), "this file system cannot rename without replacing (RENAME_NOREPLACE; NFS, some FUSE file systems): the daemon looks before each such rename instead");
+            }
+            match rustix::fs::statat(&to_dir, to, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(_) => Err(rustix::io::Errno::EXIST),
+                Err(rustix::io::Errno::NOENT) => rustix::fs::renameat(&from_dir, from, &to_dir, to),
+                Err(e) => Err(e),
+            }
+        }
+        done => done,
     }
 }
 
@@ -576,13 +601,7 @@ pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<(PathBuf, Ow
             crate::plan::beside_name(&name, tag, n - 1)
         };
         let target = parent.join(&candidate);
-        match rustix::fs::renameat_with(
-            rustix::fs::CWD,
-            src,
-            &dir,
-            candidate.as_str(),
-            RenameFlags::NOREPLACE,
-        ) {
+        match rename_noreplace(rustix::fs::CWD, src, &dir, Path::new(&candidate)) {
             Ok(()) => return Ok((target, dir)),
             Err(rustix::io::Errno::EXIST) => n += 1,
             Err(rustix::io::Errno::XDEV) => {
@@ -593,13 +612,7 @@ pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<(PathBuf, Ow
                     let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
                     return Err(err);
                 }
-                match rustix::fs::renameat_with(
-                    &dir,
-                    temp.as_str(),
-                    &dir,
-                    candidate.as_str(),
-                    RenameFlags::NOREPLACE,
-                ) {
+                match rename_noreplace(&dir, Path::new(&temp), &dir, Path::new(&candidate)) {
                     Ok(()) => {
                         rustix::fs::fsync(&dir)?;
                         std::fs::remove_file(src)?;

@@ -49,6 +49,10 @@ pub struct Outbox {
     /// The fsyncs that make moves into the sent folder durable, shared by files moved
     /// into the same folder at once.
     pub folder_syncs: FolderSyncs,
+    /// Files (by key and stamp) whose multipart upload the server forgot (`NoSuchUpload`)
+    /// and that went again as a new upload: a second time, the server is at fault and the
+    /// file is quarantined instead of sent again and again.
+    pub started_over: std::sync::Mutex<std::collections::HashSet<(ObjectKey, FileStamp)>>,
 }
 
 /// Counts for `sync` and the shutdown log line.
@@ -87,9 +91,10 @@ struct State {
     unmoved: HashMap<PathBuf, (ObjectKey, FileStamp)>,
     /// Paths already logged as skipped (symlinks, special files), to log once.
     skipped: HashSet<PathBuf>,
-    /// Until the first scan is done: claims found are leftovers of a daemon that died
-    /// inside one (see [`crate::claim`]) and get their names back. Later, a claim is a
-    /// live task's.
+    /// Until the process's first scan is done: claims found are leftovers of a daemon
+    /// that died inside one (see [`crate::claim`]) and get their names back. Later, a
+    /// claim may be a live task's, also after a reload: an aborted task's blocking work
+    /// runs on.
     first_scan: bool,
     /// Files were left out because `pending` was full: rescan once it drains.
     backlog: bool,
@@ -175,6 +180,10 @@ async fn rescan_needed(flag: Option<&watcher::Rescan>) {
     }
 }
 
+/// Whether this process's first outbox scan has begun (see `State::first_scan`).
+static LEFTOVER_CLAIMS_SEEN: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 impl State {
     fn new(outbox: Arc<Outbox>) -> Self {
         Self {
@@ -188,7 +197,7 @@ impl State {
             quarantined: HashMap::new(),
             unmoved: HashMap::new(),
             skipped: HashSet::new(),
-            first_scan: true,
+            first_scan: !LEFTOVER_CLAIMS_SEEN.swap(true, std::sync::atomic::Ordering::Relaxed),
             retry: true,
             backlog: false,
             tasks: JoinSet::new(),
@@ -226,7 +235,12 @@ impl State {
                     }
                     Ok(_) if self.first_scan => match claim::give_back_leftover(&path) {
                         Ok(Some(back)) => {
-                            tracing::info!(path = %back.display(), "gave back the name of a sent file that a stopped daemon was taking away; it goes again");
+                            let recorded = self.recorded_as_sent(&back);
+                            tracing::info!(path = %back.display(), recorded = recorded.is_some(), "gave back the name of a sent file that a stopped daemon was taking away");
+                            if let Some(sent) = recorded {
+                                // Its upload is on record: only after_upload is left to do.
+                                self.unmoved.insert(back.clone(), sent);
+                            }
                             self.consider_file(&back, now, Found::ByScan);
                         }
                         Ok(None) => self.consider_file(&path, now, Found::ByScan),
@@ -377,6 +391,14 @@ impl State {
             return false;
         };
         matches!(self.outbox.ledger.sent(&key), Ok(Some(rec)) if rec.stamp == stamp)
+    }
+
+    /// The key and stamp of the file at `path` if the ledger records it as sent, as it is.
+    fn recorded_as_sent(&self, path: &Path) -> Option<(ObjectKey, FileStamp)> {
+        let key = self.key_for(path).ok()?;
+        let stamp = self.outbox.stamp_of(path)?;
+        let recorded = self.outbox.ledger.sent(&key).ok()??;
+        (recorded.stamp == stamp).then_some((key, stamp))
     }
 
     fn key_for(&self, path: &Path) -> Result<ObjectKey, String> {

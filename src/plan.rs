@@ -12,7 +12,7 @@ use crate::keys::{ChangeToken, ETag};
 pub const MAX_PARTS: u64 = 10_000;
 
 /// What a `stat` says about a local file, as far as change detection is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct FileStamp {
     pub size: u64,
     /// Modification time in nanoseconds since the epoch.

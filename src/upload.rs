@@ -302,19 +302,35 @@ impl Outbox {
             return Err(err);
         }
         let mut result = self.send_parts(key, path, stamp, &file, &mut upload).await;
-        // A permanent refusal: the upload is aborted and forgotten here.
         self.conclude(key, path, stamp, &upload.upload_id, &result)
             .await;
         if let Err(UploadError::S3(err)) = &mut result
             && err.code.as_deref() == Some("NoSuchUpload")
         {
-            // The server no longer knows the upload: the owner's lifecycle rule aborted it
-            // (a daemon stopped for days), or an earlier try completed it and its answer
-            // was lost. Nothing is wrong with the file: it goes again, as a new upload.
-            tracing::info!(key = %key, "the server no longer knows this multipart upload (a lifecycle rule aborted it, or a completion's answer was lost): the file goes again as a new upload");
-            err.class = Class::Transient;
+            self.start_over(key, stamp, err);
         }
         result
+    }
+
+    /// After `NoSuchUpload` (the upload is aborted and forgotten by then, as a permanent
+    /// refusal): the server no longer knows the upload. The owner's lifecycle rule
+    /// aborted it (a daemon stopped for days), or an earlier try completed it and its
+    /// answer was lost. Nothing is wrong with the file, so it goes again as a new upload,
+    /// once: a server that forgets that one too is at fault, and the file is quarantined.
+    fn start_over(&self, key: &ObjectKey, stamp: FileStamp, err: &mut store::Error) {
+        let first = self
+            .started_over
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((key.clone(), stamp));
+        if first {
+            tracing::info!(key = %key, "the server no longer knows this multipart upload (a lifecycle rule aborted it, or a completion's answer was lost): the file goes again as a new upload");
+            err.class = Class::Transient;
+        } else {
+            err.message.push_str(
+                "; the server forgot a second multipart upload of this file: check the bucket's lifecycle rule (AbortIncompleteMultipartUpload) or the server, or raise transfer.multipart_threshold so the file goes as one PUT",
+            );
+        }
     }
 
     /// After an attempt at the multipart upload `upload_id`: forgets it once complete,
@@ -486,14 +502,15 @@ impl Outbox {
                 return held.remove().map(|()| Away::Deleted);
             };
             let tag = plan::time_tag(SystemTime::now());
-            match localfs::move_aside(&held.path(), &dest, &tag) {
+            let held_path = held.path();
+            match localfs::move_aside(&held_path, &dest, &tag) {
                 Ok((dest, folder)) => Ok(Away::Moved(dest, folder)),
                 Err(err) => {
                     // It keeps its name in the outbox, where the next try finds it.
                     match held.give_back() {
                         Ok(back) if back != src => tracing::warn!(path = %src.display(), now = %back.display(), "a new file took the name of a sent file while it could not be moved; the sent one is beside it"),
                         Ok(_) => {}
-                        Err(back) => tracing::error!(path = %src.display(), error = %back, "cannot give the file its name back; the next start will"),
+                        Err(back) => tracing::error!(path = %src.display(), claim = %held_path.display(), error = %back, "cannot give the sent file its name back: it stays under its claim name until the next start gives it back"),
                     }
                     Err(err)
                 }

@@ -75,6 +75,14 @@ pub fn watch(dir: &Path) -> Result<(Watcher, Hints, Arc<Rescan>), notify::Error>
             }
             Ok(event) if is_interesting(&event.kind) => {
                 for path in event.paths {
+                    // A sent file being taken away (see `crate::claim`): nothing to send.
+                    if path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| crate::claim::claimed_from(n).is_some())
+                    {
+                        continue;
+                    }
                     if tx.try_send(path).is_err() {
                         flag.request(true);
                         break;

@@ -818,7 +818,8 @@ fn sigterm_mid_transfer_resumes_or_cleans_up_at_the_next_start() {
 /// The server no longer knows a multipart upload: the owner's lifecycle rule aborted it
 /// while the daemon was stopped, or an earlier try completed it and its answer was lost.
 /// Its next part is refused with `NoSuchUpload` (404): the file is not at fault, so it goes
-/// again as a new upload instead of being quarantined until the next start.
+/// again as a new upload instead of being quarantined until the next start. Only once per
+/// file: a server that forgets the new upload too gets the file quarantined, with advice.
 #[test]
 fn a_multipart_upload_the_server_no_longer_knows_starts_over_and_is_not_quarantined() {
     let mut ex = Exchange::new();
@@ -859,5 +860,37 @@ fn a_multipart_upload_the_server_no_longer_knows_starts_over_and_is_not_quaranti
         )
         .is_empty(),
         "no line says why the upload started over"
+    );
+
+    // A server that forgets every upload of a file: it starts over once, then the file is
+    // quarantined with advice instead of being sent again and again.
+    let always = ex.submission_key("always.bin");
+    ex.proxy.inject(
+        sends_part(&always),
+        Fault::Error {
+            status: 404,
+            code: "NoSuchUpload",
+            message: "The specified upload does not exist.",
+        },
+        usize::MAX,
+    );
+    write_file(&ex.outbox.join("always.bin"), &bytes);
+    ex.start();
+    ex.wait_for("always.bin quarantined", || {
+        !stderr_lines_with(&ex, &["quarantined", "always.bin", "multipart_threshold"]).is_empty()
+    });
+    ex.stop_cleanly();
+    let creates = ex
+        .proxy
+        .count(|r| r.method == "POST" && r.has_query_param("uploads") && about(&always)(r));
+    assert_eq!(
+        creates,
+        2,
+        "one start-over, then no more\n{}",
+        ex.proxy.summary()
+    );
+    assert!(
+        ex.outbox.join("always.bin").exists(),
+        "the file left the outbox"
     );
 }

@@ -1522,6 +1522,49 @@ fn a_sent_file_left_under_its_claim_name_gets_its_name_back_and_goes() {
     assert_eq!(files_under(&ex.outbox), [".live.csv.s3-exchange-claim"]);
 }
 
+/// A claim left by a daemon killed after the upload was recorded and before the move: the
+/// next start gives the file its name back, finds its upload on record with the same
+/// stamp, and moves it to the sent folder without a second upload.
+#[test]
+fn a_leftover_claim_whose_upload_is_on_record_is_moved_without_a_second_upload() {
+    let mut ex = Exchange::with(Settings {
+        after_upload: "keep".into(),
+        ..Settings::default()
+    });
+    let bytes = random_bytes(10_000, 906);
+    write_file(&ex.outbox.join("report.csv"), &bytes);
+    let key = ex.submission_key("report.csv");
+    ex.start();
+    ex.wait_for("the upload of report.csv on record", || {
+        !stderr_lines_with(&ex, &[" transfer ", key.as_str(), "outcome=\"ok\""]).is_empty()
+    });
+    ex.stop_cleanly();
+    // What the kill leaves: the sent file under its claim name (a rename keeps its stamp).
+    fs::rename(
+        ex.outbox.join("report.csv"),
+        ex.outbox.join(".report.csv.s3-exchange-claim"),
+    )
+    .expect("claim");
+    ex.write_config(&with_outbox_value(
+        &ex.config_text(),
+        "after_upload",
+        "\"move\"",
+    ));
+    ex.start();
+    ex.wait_for("report.csv in the sent folder", || {
+        ex.sent.join("report.csv").exists()
+    });
+    ex.stop_cleanly();
+    assert_eq!(read_file(&ex.sent.join("report.csv")), Some(bytes));
+    assert!(
+        files_under(&ex.outbox).is_empty(),
+        "{:?}",
+        files_under(&ex.outbox)
+    );
+    let puts = ex.proxy.count(|r| is_put_object_of(r, &key));
+    assert_eq!(puts, 1, "report.csv was sent again\n{}", ex.proxy.summary());
+}
+
 /// The sent folder becomes unusable (a regular file where the folder was; root can't
 /// create folders under a file either): the upload is recorded once, the file stays in
 /// the outbox, the log says what happened and what to do, and the file is NOT uploaded
