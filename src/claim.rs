@@ -11,9 +11,10 @@
 //! after it keeps its name and goes in its turn.
 //!
 //! A claim lives for a few system calls, or for the copy to another file system. One
-//! outlives that only if the daemon dies inside it: the outbox's first scan gives such a
-//! file its name back ([`give_back_leftover`]), and it is sent again. Claim names are
-//! never sent, whatever `outbox.ignore` says.
+//! outlives that only if the daemon dies inside it: the next process's first outbox scan
+//! gives such a file its name back ([`give_back_leftover`]); it is sent again unless the
+//! ledger records its upload with the same stamp, and then only moved or deleted. Claim
+//! names are never sent, whatever `outbox.ignore` says.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -196,6 +197,14 @@ mod tests {
         localfs::stamp_of(&fs::metadata(path).expect("stat"))
     }
 
+    /// The claim of the file at `path`, which must be held.
+    fn hold(path: &Path, stamp: FileStamp, links: Links) -> Held {
+        match claim(path, stamp, links).expect("claim") {
+            Claim::Held(held) => held,
+            other => panic!("not held: {other:?}"),
+        }
+    }
+
     fn names(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(dir)
             .expect("read_dir")
@@ -210,10 +219,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("report.csv");
         fs::write(&path, b"sent\n").expect("write");
-        let Claim::Held(held) = claim(&path, stamp(&path), Links::NotFollowed).expect("claim")
-        else {
-            panic!("not held");
-        };
+        let held = hold(&path, stamp(&path), Links::NotFollowed);
         assert_eq!(names(dir.path()), [".report.csv.s3-exchange-claim"]);
         assert_eq!(fs::read(held.path()).expect("read"), b"sent\n");
         held.remove().expect("remove");
@@ -274,9 +280,7 @@ mod tests {
             Claim::Replaced
         ));
         assert_eq!(names(dir.path()), ["report.csv", "target.csv"]);
-        let Claim::Held(held) = claim(&path, through, Links::Follow).expect("claim") else {
-            panic!("not held");
-        };
+        let held = hold(&path, through, Links::Follow);
         held.remove().expect("remove");
         assert_eq!(
             names(dir.path()),
@@ -290,10 +294,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("report.csv");
         fs::write(&path, b"sent\n").expect("write");
-        let Claim::Held(held) = claim(&path, stamp(&path), Links::NotFollowed).expect("claim")
-        else {
-            panic!("not held");
-        };
+        let held = hold(&path, stamp(&path), Links::NotFollowed);
         fs::write(&path, b"new\n").expect("write");
         let back = held.give_back().expect("give back");
         assert_ne!(back, path);
@@ -326,10 +327,7 @@ mod tests {
         let name = format!("{}.csv", "x".repeat(LONGEST_CLAIMED - 4));
         let path = dir.path().join(&name);
         fs::write(&path, b"sent\n").expect("write");
-        let Claim::Held(held) = claim(&path, stamp(&path), Links::NotFollowed).expect("claim")
-        else {
-            panic!("not held");
-        };
+        let held = hold(&path, stamp(&path), Links::NotFollowed);
         assert_ne!(held.path(), path, "not claimed");
         fs::write(&path, b"new\n").expect("write");
         let back = held.give_back().expect("give back");
@@ -342,10 +340,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("x".repeat(LONGEST_CLAIMED + 1));
         fs::write(&path, b"sent\n").expect("write");
-        let Claim::Held(held) = claim(&path, stamp(&path), Links::NotFollowed).expect("claim")
-        else {
-            panic!("not held");
-        };
+        let held = hold(&path, stamp(&path), Links::NotFollowed);
         assert_eq!(held.path(), path);
         held.remove().expect("remove");
         assert!(names(dir.path()).is_empty());

@@ -45,6 +45,15 @@ fn gets(key: &str) -> impl Fn(&Recorded) -> bool + Send + Sync + 'static {
     move |r| r.method == "GET" && about(r)
 }
 
+/// 404 NoSuchUpload: the server no longer knows the multipart upload.
+fn no_such_upload() -> Fault {
+    Fault::Error {
+        status: 404,
+        code: "NoSuchUpload",
+        message: "The specified upload does not exist.",
+    }
+}
+
 /// Makes a fresh [`Fault`] of one kind (one for each direction).
 type MakeFault = fn() -> Fault;
 
@@ -825,15 +834,7 @@ fn a_multipart_upload_the_server_no_longer_knows_starts_over_and_is_not_quaranti
     let mut ex = Exchange::new();
     let key = ex.submission_key("big.bin");
     let bytes = random_bytes(2 * 5 * MIB + 11, 904);
-    let gone = ex.proxy.inject(
-        sends_part(&key),
-        Fault::Error {
-            status: 404,
-            code: "NoSuchUpload",
-            message: "The specified upload does not exist.",
-        },
-        1,
-    );
+    let gone = ex.proxy.inject(sends_part(&key), no_such_upload(), 1);
     write_file(&ex.outbox.join("big.bin"), &bytes);
     ex.start();
     ex.wait_for("big.bin sent after the refused part", || {
@@ -865,15 +866,8 @@ fn a_multipart_upload_the_server_no_longer_knows_starts_over_and_is_not_quaranti
     // A server that forgets every upload of a file: it starts over once, then the file is
     // quarantined with advice instead of being sent again and again.
     let always = ex.submission_key("always.bin");
-    ex.proxy.inject(
-        sends_part(&always),
-        Fault::Error {
-            status: 404,
-            code: "NoSuchUpload",
-            message: "The specified upload does not exist.",
-        },
-        usize::MAX,
-    );
+    ex.proxy
+        .inject(sends_part(&always), no_such_upload(), usize::MAX);
     write_file(&ex.outbox.join("always.bin"), &bytes);
     ex.start();
     ex.wait_for("always.bin quarantined", || {
