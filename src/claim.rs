@@ -169,19 +169,14 @@ pub fn give_back_leftover(path: &Path) -> io::Result<Option<PathBuf>> {
 
 fn give_back(dir: &OwnedFd, folder: &Path, held_as: &str, name: &str) -> io::Result<PathBuf> {
     let tag = plan::time_tag(std::time::SystemTime::now());
-    let mut n = 0;
-    loop {
-        let candidate = if n == 0 {
-            name.to_owned()
-        } else {
-            plan::beside_name(name, &tag, n - 1)
-        };
+    for candidate in plan::names_to_try(name, &tag) {
         match localfs::rename_noreplace(dir, Path::new(held_as), dir, Path::new(&candidate)) {
             Ok(()) => return Ok(folder.join(candidate)),
-            Err(rustix::io::Errno::EXIST) => n += 1,
+            Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
         }
     }
+    Err(localfs::no_free_name(&folder.join(name)))
 }
 
 fn dir_flags() -> OFlags {
@@ -195,6 +190,14 @@ mod tests {
 
     fn stamp(path: &Path) -> FileStamp {
         localfs::stamp_of(&fs::metadata(path).expect("stat"))
+    }
+
+    /// A folder holding `report.csv`, the file that was sent, and its path.
+    fn sent_file() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("report.csv");
+        fs::write(&path, b"sent\n").expect("write");
+        (dir, path)
     }
 
     /// The claim of the file at `path`, which must be held.
@@ -216,9 +219,7 @@ mod tests {
 
     #[test]
     fn the_file_that_was_sent_is_held_aside_and_removed() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("report.csv");
-        fs::write(&path, b"sent\n").expect("write");
+        let (dir, path) = sent_file();
         let held = hold(&path, stamp(&path), Links::NotFollowed);
         assert_eq!(names(dir.path()), [".report.csv.s3-exchange-claim"]);
         assert_eq!(fs::read(held.path()).expect("read"), b"sent\n");
@@ -230,9 +231,7 @@ mod tests {
     /// is neither deleted nor moved, and keeps its name.
     #[test]
     fn a_file_put_in_place_of_the_sent_one_keeps_its_name_and_is_not_taken() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("report.csv");
-        fs::write(&path, b"sent\n").expect("write");
+        let (dir, path) = sent_file();
         let sent = stamp(&path);
         let new = dir.path().join("new.tmp");
         fs::write(&new, b"not sent yet\n").expect("write");
@@ -247,9 +246,7 @@ mod tests {
 
     #[test]
     fn a_file_that_is_gone_is_gone() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("report.csv");
-        fs::write(&path, b"sent\n").expect("write");
+        let (dir, path) = sent_file();
         let sent = stamp(&path);
         fs::remove_file(&path).expect("remove");
         assert!(matches!(
@@ -291,9 +288,7 @@ mod tests {
 
     #[test]
     fn a_held_file_given_back_goes_beside_a_new_file_that_took_its_name() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("report.csv");
-        fs::write(&path, b"sent\n").expect("write");
+        let (dir, path) = sent_file();
         let held = hold(&path, stamp(&path), Links::NotFollowed);
         fs::write(&path, b"new\n").expect("write");
         let back = held.give_back().expect("give back");

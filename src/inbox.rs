@@ -673,10 +673,7 @@ impl Destination {
             }
         }
         let tag = plan::time_tag(std::time::SystemTime::now());
-        let mut n = 0;
-        loop {
-            let beside = plan::beside_name(name, &tag, n);
-            n += 1;
+        for beside in plan::names_to_try(name, &tag).skip(1) {
             if InboxRoot::taken(&dir, &beside) {
                 continue;
             }
@@ -696,6 +693,7 @@ impl Destination {
                 Err(e) => return Err(e.into()),
             }
         }
+        Err(localfs::no_free_name(std::path::Path::new(&rel_str)).into())
     }
 }
 

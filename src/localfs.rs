@@ -593,17 +593,11 @@ pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<(PathBuf, Ow
         }
         Err(e) => return Err(e.into()),
     };
-    let mut n = 0;
-    loop {
-        let candidate = if n == 0 {
-            name.clone()
-        } else {
-            crate::plan::beside_name(&name, tag, n - 1)
-        };
+    for candidate in crate::plan::names_to_try(&name, tag) {
         let target = parent.join(&candidate);
         match rename_noreplace(rustix::fs::CWD, src, &dir, Path::new(&candidate)) {
             Ok(()) => return Ok((target, dir)),
-            Err(rustix::io::Errno::EXIST) => n += 1,
+            Err(rustix::io::Errno::EXIST) => {}
             Err(rustix::io::Errno::XDEV) => {
                 // Another file system: copy to a hidden temp name, then rename it in, so
                 // a full disk never leaves a truncated file under the real name.
@@ -620,7 +614,6 @@ pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<(PathBuf, Ow
                     }
                     Err(rustix::io::Errno::EXIST) => {
                         let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
-                        n += 1;
                     }
                     Err(e) => {
                         let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
@@ -631,6 +624,15 @@ pub fn move_aside(src: &Path, dest: &Path, tag: &str) -> io::Result<(PathBuf, Ow
             Err(e) => return Err(e.into()),
         }
     }
+    Err(no_free_name(dest))
+}
+
+/// Every name [`crate::plan::names_to_try`] offers beside `path` is taken.
+pub fn no_free_name(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("every name beside {} is taken", path.display()),
+    )
 }
 
 fn copy_durably(src: &Path, dest: &Path) -> io::Result<()> {

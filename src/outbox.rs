@@ -235,7 +235,9 @@ impl State {
                     }
                     Ok(_) if self.first_scan => match claim::give_back_leftover(&path) {
                         Ok(Some(back)) => {
-                            let recorded = self.recorded_as_sent(&back);
+                            let recorded = self.outbox.stamp_of(&back).and_then(|stamp| {
+                                Some((self.recorded_as_sent(&back, stamp)?, stamp))
+                            });
                             tracing::info!(path = %back.display(), recorded = recorded.is_some(), "gave back the name of a sent file that a stopped daemon was taking away");
                             if let Some(sent) = recorded {
                                 // Its upload is on record: only after_upload is left to do.
@@ -387,18 +389,14 @@ impl State {
         if self.outbox.config.after_upload != AfterUpload::Keep {
             return false;
         }
-        let Some(key) = self.key_for(path).ok() else {
-            return false;
-        };
-        matches!(self.outbox.ledger.sent(&key), Ok(Some(rec)) if rec.stamp == stamp)
+        self.recorded_as_sent(path, stamp).is_some()
     }
 
-    /// The key and stamp of the file at `path` if the ledger records it as sent, as it is.
-    fn recorded_as_sent(&self, path: &Path) -> Option<(ObjectKey, FileStamp)> {
+    /// The key of the file at `path` if the ledger records it as sent with `stamp`.
+    fn recorded_as_sent(&self, path: &Path, stamp: FileStamp) -> Option<ObjectKey> {
         let key = self.key_for(path).ok()?;
-        let stamp = self.outbox.stamp_of(path)?;
         let recorded = self.outbox.ledger.sent(&key).ok()??;
-        (recorded.stamp == stamp).then_some((key, stamp))
+        (recorded.stamp == stamp).then_some(key)
     }
 
     fn key_for(&self, path: &Path) -> Result<ObjectKey, String> {

@@ -263,6 +263,12 @@ pub fn landing(existing: Existing, record: Option<&Delivered>, rel_path: &str) -
     }
 }
 
+/// The names a file that must not replace another tries in turn: `name` itself, then
+/// [`beside_name`]s `0, 1, ...`. Ends (in theory) when the counter runs out.
+pub fn names_to_try<'a>(name: &'a str, tag: &'a str) -> impl Iterator<Item = String> + 'a {
+    std::iter::once(name.to_owned()).chain((0..u32::MAX).map(move |n| beside_name(name, tag, n)))
+}
+
 /// A clear name beside `name` for a version that must not replace it:
 /// `report.out` -> `report.<tag>.out`, `README` -> `README.<tag>`; `n > 0` adds `-n`.
 pub fn beside_name(name: &str, tag: &str, n: u32) -> String {

@@ -12,7 +12,7 @@ mod common;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use common::outbox::{stderr_lines_with, with_table_lines};
+use common::outbox::{is_create_multipart_of, stderr_lines_with, with_table_lines};
 use common::{
     BUCKET, Exchange, Fault, Injected, Recorded, SHORT_LIVED_PREFIX, Settings, files_under,
     random_bytes, read_file, short_lived_secret, write_file,
@@ -794,7 +794,7 @@ fn sigterm_mid_transfer_resumes_or_cleans_up_at_the_next_start() {
     let requests = ex.proxy.requests();
     let creates = requests
         .iter()
-        .filter(|r| r.method == "POST" && r.has_query_param("uploads") && about(&up_key)(r))
+        .filter(|r| is_create_multipart_of(r, &up_key))
         .count();
     assert_eq!(
         creates,
@@ -843,9 +843,7 @@ fn a_multipart_upload_the_server_no_longer_knows_starts_over_and_is_not_quaranti
     ex.stop_cleanly();
     assert_eq!(gone.count(), 1, "the refusal was not injected");
     assert_eq!(ex.owner.get(&key).as_ref(), Some(&bytes));
-    let creates = ex
-        .proxy
-        .count(|r| r.method == "POST" && r.has_query_param("uploads") && about(&key)(r));
+    let creates = ex.proxy.count(|r| is_create_multipart_of(r, &key));
     assert_eq!(
         creates,
         2,
@@ -874,9 +872,7 @@ fn a_multipart_upload_the_server_no_longer_knows_starts_over_and_is_not_quaranti
         !stderr_lines_with(&ex, &["quarantined", "always.bin", "multipart_threshold"]).is_empty()
     });
     ex.stop_cleanly();
-    let creates = ex
-        .proxy
-        .count(|r| r.method == "POST" && r.has_query_param("uploads") && about(&always)(r));
+    let creates = ex.proxy.count(|r| is_create_multipart_of(r, &always));
     assert_eq!(
         creates,
         2,
